@@ -1,0 +1,147 @@
+"""Dynamic Loss: a meta-learned label corrector and margin generator.
+
+Source: "Dynamic Loss For Robust Learning" (Jiang et al., TPAMI 2023) and the authors' released code;
+DESIGN.md section 3 writes out what that code does. Two deliberate, documented additions:
+
+* ``margin_prior="log_prior"`` adds ``tau * log(class prior)`` to the generated margins (logit adjustment,
+  Menon et al. 2021) so the generator starts where logit adjustment is and meta-learns a residual; DESIGN.md
+  section 8 saw the plain generator learn the opposite sign. ``margin_prior="none"`` is the authors' version.
+* ``LabelCorrector.trust`` is exposed on its own so the pipelines can log mean trust of clean vs noisy
+  samples every epoch (the straightforward reading never moved it off 1.0).
+
+Quick check::
+
+    python -c "import torch; from dynloss.dynamic import DynamicLoss; d = DynamicLoss(10); \
+z = torch.randn(4, 10); y = torch.tensor([0, 1, 2, 3]); r = torch.tensor([0, 50, 99, 10]); \
+print(d(z, y, r).loss)"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TRUST_INIT_BIAS = 3.98  # sigmoid(3.98) ~= 0.982: trust the given label at first (authors' init)
+MARGIN_INIT_BIAS = 1.0  # authors' init; a constant shift, so softmax is unaffected
+
+
+def _mlp(inp: int, hidden: int, out: int, last_bias: float) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                        nn.Linear(hidden, out))
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    nn.init.constant_(net[-1].bias, last_bias)
+    return net
+
+
+class LabelCorrector(nn.Module):
+    """Rank bucket -> per-class trust curve. ``trust(ranks, labels)`` is w = sigmoid(MLP(emb(r)))[y]."""
+
+    def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64):
+        super().__init__()
+        if num_classes < 2 or rank_buckets < 1 or hidden < 1:
+            raise ValueError(f"LabelCorrector needs num_classes >= 2, rank_buckets >= 1, hidden >= 1; got "
+                             f"{num_classes}, {rank_buckets}, {hidden}")
+        self.num_classes, self.rank_buckets = num_classes, rank_buckets
+        self.embedding = nn.Embedding(rank_buckets, hidden)
+        nn.init.xavier_uniform_(self.embedding.weight)
+        self.mlp = _mlp(hidden, hidden, num_classes, TRUST_INIT_BIAS)
+
+    def trust(self, ranks: Tensor, labels: Tensor) -> Tensor:
+        out = self.mlp(self.embedding(ranks))
+        return torch.sigmoid(out.gather(1, labels[:, None]).squeeze(1))
+
+    def curves(self) -> Tensor:
+        """(C, R) trust of every class at every rank bucket: what the pipelines plot."""
+        with torch.no_grad():
+            r = torch.arange(self.rank_buckets, device=self.embedding.weight.device)
+            return torch.sigmoid(self.mlp(self.embedding(r))).T
+
+    def forward(self, ranks: Tensor, labels: Tensor) -> Tensor:
+        return self.trust(ranks, labels)
+
+
+class MarginGenerator(nn.Module):
+    """A learnable 1x64 code -> MLP -> per-class additive margins shared by all samples.
+
+    With ``log_prior`` given (a (C,) tensor of tau * log class prior) the output is that plus the learned
+    residual, so the generator starts as logit-adjusted CE.
+    """
+
+    def __init__(self, num_classes: int, hidden: int = 64, log_prior: Tensor | None = None):
+        super().__init__()
+        self.code = nn.Parameter(torch.empty(1, hidden))
+        nn.init.xavier_uniform_(self.code)
+        self.mlp = _mlp(hidden, hidden, num_classes, MARGIN_INIT_BIAS)
+        prior = torch.zeros(num_classes) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32)
+        if prior.shape != (num_classes,):
+            raise ValueError(f"MarginGenerator log_prior must have shape ({num_classes},), got {tuple(prior.shape)}")
+        self.register_buffer("log_prior", prior)
+
+    def forward(self) -> Tensor:
+        return self.mlp(self.code).squeeze(0) + self.log_prior
+
+
+@dataclass
+class DynamicOutput:
+    loss: Tensor          # scalar L_dyn
+    trust: Tensor         # (B,) w
+    target: Tensor        # (B, C) corrected soft labels y_hat
+    margins: Tensor       # (C,)
+
+
+class DynamicLoss(nn.Module):
+    """``L_dyn = mean_i -sum_k y_hat_ik log softmax(z_i + m)_k``, ``y_hat = w onehot(y) + (1-w) p~``.
+
+    ``p~`` is a hard Gumbel-softmax sample (tau 1) of the detached logits, or their softmax when
+    ``mix="softmax"`` (warm-up, and deterministic tests). Margins apply in training only.
+    """
+
+    MIXES = ("gumbel", "softmax")
+
+    def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64,
+                 class_counts=None, margin_prior: str = "none", prior_tau: float = 1.0):
+        super().__init__()
+        if margin_prior not in ("none", "log_prior"):
+            raise ValueError(f"margin_prior must be 'none' or 'log_prior', got {margin_prior!r}")
+        log_prior = None
+        if margin_prior == "log_prior":
+            if class_counts is None:
+                raise ValueError("margin_prior='log_prior' needs class_counts (training images per class)")
+            counts = torch.as_tensor(class_counts, dtype=torch.float64)
+            if counts.shape != (num_classes,) or bool((counts <= 0).any()):
+                raise ValueError(f"class_counts must be {num_classes} positive counts, got {counts.tolist()}")
+            log_prior = (prior_tau * torch.log(counts / counts.sum())).float()
+        self.num_classes = num_classes
+        self.corrector = LabelCorrector(num_classes, rank_buckets, hidden)
+        self.margins = MarginGenerator(num_classes, hidden, log_prior)
+
+    def pseudo_labels(self, logits: Tensor, mix: str = "gumbel") -> Tensor:
+        """p~: a hard Gumbel-softmax sample (tau 1) of the detached logits, or their softmax."""
+        if mix not in self.MIXES:
+            raise ValueError(f"mix must be one of {self.MIXES}, got {mix!r}")
+        detached = logits.detach().float()
+        return F.gumbel_softmax(detached, tau=1.0, hard=True) if mix == "gumbel" else detached.softmax(1)
+
+    def corrected_target(self, labels: Tensor, ranks: Tensor, pseudo: Tensor) -> tuple[Tensor, Tensor]:
+        """(w, y_hat) with y_hat = w onehot(y) + (1 - w) p~."""
+        w = self.corrector.trust(ranks, labels)
+        onehot = F.one_hot(labels, self.num_classes).to(pseudo.dtype)
+        return w, w[:, None] * onehot + (1 - w[:, None]) * pseudo
+
+    def forward(self, logits: Tensor, labels: Tensor, ranks: Tensor, mix: str = "gumbel",
+                pseudo: Tensor | None = None) -> DynamicOutput:
+        if pseudo is None:
+            pseudo = self.pseudo_labels(logits, mix)
+        w, target = self.corrected_target(labels, ranks, pseudo)
+        m = self.margins()
+        loss = soft_cross_entropy(logits.float() + m, target)
+        return DynamicOutput(loss, w, target, m)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()

@@ -1,0 +1,164 @@
+"""One epoch of training, the per-epoch ranking pass and evaluation: the loop bodies every runner shares.
+
+The Ray Train loop (pipelines/train.py) and the Ray-free quick run (pipelines/quickrun.py) both call these
+with batches they built; nothing here knows about Ray. Batches are dicts of tensors:
+
+  train batch   {"id": (B,), "x": (B, ...), "label": (B,)}         the epoch's training stream
+  meta batch    {"x": (M, ...), "label": (M,)}                      drawn from the epoch's meta set
+  rank/eval     {"id": (B,), "x": (B, ...), "label": (B,), "true_label": (B,)}   un-augmented view
+
+Shape of an epoch (DESIGN.md section 3): warm-up epochs are plain CE (and the bounded corrector pre-training);
+afterwards the ranking pass fixes the rank table and the meta set, every iteration is a meta step
+(every ``meta_interval``-th; the others are actual steps with the current phi), then one fine-tune pass
+over the meta set.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynloss.dynamic import DynamicLoss
+from dynloss.meta import GradHook, MetaBatch, ce_step, meta_step, pretrain_corrector_step, unwrap
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class MetaSettings:
+    """The Dynamic Loss knobs the loop needs (the config schema holds the same names)."""
+    scope: str = "full"
+    meta_interval: int = 1
+    warmup_epochs: int = 5
+    corrector_pretrain_iters: int = 0
+    mix: str = "gumbel"
+    finetune: bool = True
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class EpochStats:
+    """Running sums kept as tensors on the device: one host sync per epoch, in ``summary``."""
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, value: Tensor, n: int = 1) -> None:
+        v = value.detach().float().sum() if value.dim() else value.detach().float() * n
+        self.sums[name] = self.sums[name] + v if name in self.sums else v
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def summary(self) -> dict[str, float]:
+        return {k: float(v) / max(self.counts[k], 1) for k, v in self.sums.items()}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def per_sample_losses(model: nn.Module, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """The ranking pass: CE against the given label of every sample on its un-augmented view.
+
+    Returns numpy arrays ``id``, ``label``, ``loss``, ``pred``, ``true_label`` (when batches have it).
+    """
+    model.eval()
+    device = _device_of(model)
+    out: dict[str, list[Tensor]] = {"id": [], "label": [], "loss": [], "pred": [], "true_label": []}
+    for b in batches:
+        b = _to(b, device)
+        logits = model(b["x"]).float()
+        out["id"].append(b["id"])
+        out["label"].append(b["label"])
+        out["loss"].append(F.cross_entropy(logits, b["label"], reduction="none"))
+        out["pred"].append(logits.argmax(1))
+        if "true_label" in b:
+            out["true_label"].append(b["true_label"])
+    model.train()
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], *,
+                    epoch: int, settings: MetaSettings, criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+                    dyn: DynamicLoss | None = None, meta_optimizer: torch.optim.Optimizer | None = None,
+                    rank_table: Tensor | None = None, meta_batches: Iterator[Batch] | None = None,
+                    scheduler=None, iteration: int = 0, virtual_grad_hook: GradHook | None = None,
+                    meta_grad_hook=None) -> tuple[dict[str, float], int]:
+    """Train ``model`` for one pass over ``batches``; returns (mean statistics, next global iteration).
+
+    With ``dyn`` None this is a plain supervised epoch with ``criterion`` (the robust-loss baselines).
+    With ``dyn`` given, epochs before ``settings.warmup_epochs`` are CE warm-up; later ones need
+    ``rank_table`` (id -> rank bucket, on the model's device) and ``meta_batches``.
+    """
+    device = _device_of(model)
+    model.train()
+    stats = EpochStats()
+    meta_phase = dyn is not None and epoch >= settings.warmup_epochs
+    for b in batches:
+        b = _to(b, device)
+        x, y = b["x"], b["label"]
+        if meta_phase:
+            meta = None
+            if iteration % settings.meta_interval == 0:
+                mb = _to(next(meta_batches), device)
+                meta = MetaBatch(mb["x"], mb["label"])
+            out = meta_step(model, dyn, optimizer, meta_optimizer, x, y, rank_table[b["id"]], meta,
+                            scope=settings.scope, mix=settings.mix, virtual_grad_hook=virtual_grad_hook,
+                            meta_grad_hook=meta_grad_hook, max_grad_norm=settings.max_grad_norm)
+            stats.add("train/trust", out["trust"], len(y))
+            if "meta/loss" in out:
+                stats.add("meta/loss", out["meta/loss"])
+        else:
+            out = ce_step(model, optimizer, x, y, criterion if dyn is None else None,
+                          max_grad_norm=settings.max_grad_norm)
+            if dyn is not None and iteration < settings.corrector_pretrain_iters:
+                rt = rank_table[b["id"]] if rank_table is not None else torch.zeros_like(y)
+                stats.add("meta/pretrain_loss", pretrain_corrector_step(dyn, meta_optimizer, y, rt, out["logits"]))
+        stats.add("train/loss", out["train/loss"])
+        stats.add("train/acc", (out["logits"].argmax(1) == y).float(), len(y))
+        if scheduler is not None:
+            scheduler.step()
+        iteration += 1
+    if dyn is not None and iteration == settings.corrector_pretrain_iters and meta_optimizer is not None:
+        meta_optimizer.state.clear()  # stale second moments from pre-training would freeze the meta updates
+    return stats.summary(), iteration
+
+
+def finetune_on_meta(model: nn.Module, optimizer: torch.optim.Optimizer, dyn: DynamicLoss,
+                     batches: Iterable[Batch], max_grad_norm: float | None = None) -> dict[str, float]:
+    """After a meta epoch: one pass over the meta set with CE(z + m, y), m from the generator, no grad."""
+    device = _device_of(model)
+    with torch.no_grad():
+        margins = dyn.margins()
+    stats = EpochStats()
+    model.train()
+    for b in batches:
+        b = _to(b, device)
+        out = ce_step(model, optimizer, b["x"], b["label"], margins=margins.to(device), max_grad_norm=max_grad_norm)
+        stats.add("finetune/loss", out["train/loss"])
+    return stats.summary()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """Logits-derived predictions on an evaluation split: ``pred``, ``top5``, ``label``, ``true_label``."""
+    model.eval()
+    device = _device_of(model)
+    out: dict[str, list[Tensor]] = {"pred": [], "top5": [], "label": [], "true_label": []}
+    for b in batches:
+        b = _to(b, device)
+        logits = model(b["x"]).float()
+        k = min(5, logits.shape[1])
+        out["pred"].append(logits.argmax(1))
+        out["top5"].append(logits.topk(k, 1).indices)
+        out["label"].append(b["label"])
+        out["true_label"].append(b.get("true_label", b["label"]))
+    model.train()
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}

@@ -1,0 +1,234 @@
+"""`python -m pipelines.prepare` end to end on real files: round trips, protocol provenance, bad input,
+resume after a crash, process pool and Ray parity.
+
+    .venv/bin/python -m pytest tests/test_prepare.py -q
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import data_fixtures as fx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dynloss.data import load_source, read_manifest, read_split
+from dynloss.data import shards as shards_module
+from dynloss.noise import add_label_noise, make_long_tailed
+from pipelines.prepare import main
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def prepare(*argv, workers: int = 1) -> int:
+    return main([*map(str, argv), "--workers", str(workers), "--no-progress"])
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    m = read_manifest(str(out))
+    return {s["path"]: (out / s["path"]).read_bytes() for split in m["splits"].values() for s in split["shards"]}
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_digits_round_trip_local_uri_and_process_pool(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert prepare("digits", "--out", a) == 0
+    src = load_source("digits")
+    m = read_manifest(str(a))
+    assert m["totals"]["rows"] == 1797 and m["image"] == {"mode": "L", "size": [8, 8], "encoding": "png"}
+    assert m["command"].startswith("python -m pipelines.prepare digits --out")
+    for split, data in src.splits.items():
+        t = read_split(str(a), split, verify=True)
+        assert t.column("id").to_pylist() == list(range(len(data)))
+        np.testing.assert_array_equal(t.column("label").to_numpy(), data.labels)
+        np.testing.assert_array_equal(t.column("true_label").to_numpy(), data.labels)
+        pixels = np.stack([decode(x) for x in t.column("image").to_pylist()])
+        np.testing.assert_array_equal(pixels, data.images)  # lossless
+        assert m["splits"][split]["counts"] == np.bincount(data.labels, minlength=10).tolist()
+    f = pq.ParquetFile(a / "train" / "part-00000.parquet")
+    assert f.metadata.num_rows == 1442 and max(f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)) <= 1000
+
+    # the same through a file:// URI and a 2-process pool: byte-identical shards, readable by URI
+    assert prepare("digits", "--out", "file://" + str(b), "--shard-size-mb", 0.05, workers=2) == 0
+    mb = read_manifest("file://" + str(b))
+    assert len(mb["splits"]["train"]["shards"]) > 1
+    assert read_split("file://" + str(b), "train").column("id").to_pylist() == list(range(1442))
+    assert prepare("digits", "--out", tmp_path / "c", "--shard-size-mb", 0.05) == 0
+    assert shard_files(b) == shard_files(tmp_path / "c")
+
+
+@pytest.mark.parametrize("noise,convention", [("sym:0.4", "prior"), ("asym:0.4", "exact")])
+def test_noise_and_imbalance_in_manifest_match_rows(tmp_path, noise, convention):
+    truth = fx.write_cifar10(tmp_path / "src", per_batch=60)
+    out = tmp_path / "out"
+    assert prepare("cifar10", "--root", tmp_path / "src", "--out", out, "--imbalance", 0.2, "--noise", noise,
+                   "--noise-convention", convention, "--seed", 3) == 0
+    images, labels = truth["train"]
+    keep = make_long_tailed(labels, 0.2, seed=3)
+    kind, rate = noise.split(":")
+    noisy = add_label_noise(labels[keep], kind, float(rate), 10, convention=convention, dataset="cifar10", seed=3)
+    t = read_split(str(out), "train")
+    given, clean = t.column("label").to_numpy(), t.column("true_label").to_numpy()
+    assert t.column("id").to_pylist() == list(range(len(keep)))
+    np.testing.assert_array_equal(clean, labels[keep])
+    np.testing.assert_array_equal(given, noisy)
+    np.testing.assert_array_equal(np.stack([decode(x) for x in t.column("image").to_pylist()]), images[keep])
+    m = read_manifest(str(out))
+    assert 0 < m["noise"]["actual_rate"] == pytest.approx(float(np.mean(given != clean)))
+    assert m["noise"]["noisy_rows"] == int((given != clean).sum()) and m["noise"]["kind"] == kind
+    assert m["imbalance"]["counts_after"] == np.bincount(clean, minlength=10).tolist()
+    assert m["imbalance"]["counts_before"] == np.bincount(labels, minlength=10).tolist()
+    assert m["splits"]["train"]["counts"] == np.bincount(given, minlength=10).tolist()
+    test = read_split(str(out), "test")  # test split untouched by the protocols
+    assert test.num_rows == 60 and test.column("label").equals(test.column("true_label"))
+
+
+def test_file_source_keeps_bytes_and_unknown_truth(tmp_path):
+    lists = fx.write_webvision(tmp_path / "wv")
+    fx.write_imagenet_val_flat(tmp_path / "inval")
+    out = tmp_path / "out"
+    assert prepare("webvision-mini", "--root", tmp_path / "wv", "--imagenet-val", tmp_path / "inval", "--out", out) == 0
+    m = read_manifest(str(out))
+    assert list(m["splits"]) == ["train", "val", "imagenet_val"] and m["image"]["encoding"] == "original"
+    t = read_split(str(out), "train")
+    kept = [(p, y) for p, y in lists["google"] if y < 50]
+    assert t.column("image").to_pylist() == [(tmp_path / "wv" / p).read_bytes() for p, _ in kept]
+    assert t.column("label").to_pylist() == [y for _, y in kept]
+    assert set(t.column("true_label").to_pylist()) == {-1}
+    assert m["noise"]["actual_rate"] is None and m["splits"]["train"]["true_counts"] is None
+    assert read_split(str(out), "imagenet_val").column("true_label").to_pylist() == [1, 0]
+
+
+def _broken_webvision(root: Path) -> list[tuple[str, int]]:
+    lists = fx.write_webvision(root)
+    bad = root / "google/q0001/00000002.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated JPEG: passes verify(), not decode
+    (root / "flickr/q0001/00000001.jpg").unlink()  # missing
+    return lists["google"] + lists["flickr"]
+
+
+def test_corrupt_and_missing_files_are_listed_and_nothing_else_lost(tmp_path, capsys):
+    rows = _broken_webvision(tmp_path / "wv")
+    out = tmp_path / "out"
+    assert prepare("webvision", "--root", tmp_path / "wv", "--out", out) == 0
+    assert "rejected 2 files" in capsys.readouterr().out
+    with open(out / "rejected.csv") as f:
+        rejected = list(csv.DictReader(f))
+    assert [(r["split"], Path(r["path"]).name, r["reason"].split(":")[0]) for r in rejected] == [
+        ("train", "00000002.jpg", "unreadable"), ("train", "00000001.jpg", "missing")]
+    good = [(p, y) for p, y in rows if p not in ("google/q0001/00000002.jpg", "flickr/q0001/00000001.jpg")]
+    t = read_split(str(out), "train")
+    assert t.column("id").to_pylist() == list(range(len(good)))  # dense over the accepted rows
+    assert t.column("label").to_pylist() == [y for _, y in good]
+    assert t.column("image").to_pylist() == [(tmp_path / "wv" / p).read_bytes() for p, _ in good]
+    m = read_manifest(str(out))
+    assert m["totals"]["rejected"] == 2 and m["splits"]["train"]["rejected"] == 2 and m["splits"]["val"]["rows"] == 3
+
+
+def test_strict_fails_on_first_bad_file(tmp_path, capsys):
+    _broken_webvision(tmp_path / "wv")
+    out = tmp_path / "out"
+    assert prepare("webvision", "--root", tmp_path / "wv", "--out", out, "--strict") == 2
+    err = capsys.readouterr().err
+    assert "google/q0001/00000002.jpg: unreadable" in err and "--strict" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_resume_after_worker_crash_gives_identical_shards(tmp_path, monkeypatch):
+    args = ["digits", "--shard-size-mb", 0.02]
+    assert prepare(*args, "--out", tmp_path / "ref") == 0
+    real, calls = shards_module.write_shard, []
+
+    def crash_on_fourth(job):
+        calls.append(job.index)
+        if len(calls) == 4:
+            raise RuntimeError("simulated worker crash")
+        return real(job)
+
+    monkeypatch.setattr(shards_module, "write_shard", crash_on_fourth)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated worker crash"):
+        prepare(*args, "--out", out)
+    assert not (out / "manifest.json").exists() and len(list((out / "train").glob("part-*.parquet"))) == 3
+    monkeypatch.setattr(shards_module, "write_shard", real)
+    assert prepare(*args, "--out", out) == 0
+    assert read_manifest(str(out))["kept_shards"] == 3
+    assert shard_files(out) == shard_files(tmp_path / "ref")
+
+
+def test_resume_after_lost_manifest_and_damaged_shards(tmp_path):
+    args = ["digits", "--shard-size-mb", 0.02]
+    assert prepare(*args, "--out", tmp_path / "ref") == 0
+    out = tmp_path / "out"
+    assert prepare(*args, "--out", out) == 0
+    total = read_manifest(str(out))["totals"]["shards"]
+    (out / "manifest.json").unlink()
+    (out / "train/part-00001.parquet").unlink()
+    damaged = out / "train/part-00002.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    (out / "train/.part-00003.parquet.tmp-deadbeef").write_bytes(b"half a shard")
+    untouched = (out / "train/part-00000.parquet").stat().st_mtime_ns
+    assert prepare(*args, "--out", out) == 0
+    assert read_manifest(str(out))["kept_shards"] == total - 2
+    assert (out / "train/part-00000.parquet").stat().st_mtime_ns == untouched
+    assert not (out / "train/.part-00003.parquet.tmp-deadbeef").exists()
+    assert shard_files(out) == shard_files(tmp_path / "ref")
+
+
+def test_other_settings_need_overwrite_and_leave_no_stale_shards(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prepare("digits", "--out", out, "--shard-size-mb", 0.02) == 0
+    assert len(list((out / "train").glob("part-*"))) > 1
+    assert prepare("digits", "--out", out, "--seed", 1) == 2
+    assert "holds a prepare with other settings" in capsys.readouterr().err
+    assert prepare("digits", "--out", out, "--seed", 1, "--overwrite") == 0
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in (out / "_state" / "train").iterdir()) == ["part-00000.json"]
+
+
+def test_bad_options_and_reads_explain_themselves(tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, message in [
+        (["--noise", "gaussian:0.1"], "unknown kind 'gaussian'"),
+        (["--noise", "sym:1.5"], "sym:1.5"),
+        (["--imbalance", "0"], "expected 0 < RHO <= 1"),
+        (["--splits", "valid"], "digits has splits train, test"),
+    ]:
+        assert prepare("digits", "--out", out, *argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no manifest.json in .*run the same command again"):
+        read_manifest(str(out))
+    assert prepare("digits", "--out", out, "--splits", "test") == 0
+    with pytest.raises(ValueError, match="no split 'train'; the manifest has test"):
+        read_split(str(out), "train")
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_long_tailed_noisy_train(tmp_path):
+    out = tmp_path / "fm"
+    assert prepare("fashion-mnist", "--out", out, "--splits", "train", "--imbalance", 0.01, "--noise", "sym:0.4",
+                   "--seed", 0) == 0
+    m = read_manifest(str(out))
+    assert m["splits"]["train"]["rows"] == 14886  # DESIGN.md section 8
+    assert m["imbalance"]["counts_after"] == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+    t = read_split(str(out), "train", columns=["label", "true_label"])
+    rate = float(np.mean(t.column("label").to_numpy() != t.column("true_label").to_numpy()))
+    assert m["noise"]["actual_rate"] == pytest.approx(rate) and 0.25 < rate < 0.35
+
+
+@pytest.mark.ray
+def test_ray_tasks_write_the_same_shards(tmp_path):
+    ray = pytest.importorskip("ray")
+    assert prepare("digits", "--out", tmp_path / "ray", "--shard-size-mb", 0.05, "--ray", workers=2) == 0
+    assert not ray.is_initialized()  # the runtime prepare started is shut down again
+    assert prepare("digits", "--out", tmp_path / "inline", "--shard-size-mb", 0.05) == 0
+    assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "inline")
+    assert json.loads((tmp_path / "ray" / "manifest.json").read_text())["totals"]["rows"] == 1797

@@ -1,0 +1,457 @@
+"""The typed experiment config: one pydantic model, validated as a whole before anything starts.
+
+Style of torchtune's config checks and nanoGPT's overrides (STYLE.md): every error is reported at once, each
+naming its key path (``optim.lr: must be > 0``); enums and loss names list their choices; unknown keys are
+rejected (``extra="forbid"``: a typo fails instead of being ignored); a data path with no prepared manifest is
+named unless a ``data.prepare`` block says how to make it. ``--set key.sub=value`` overrides are parsed as
+YAML values (``--set optim.lr=0.05 --set optim.milestones=[100,150]``).
+
+Sections (pipelines/configs/*.yaml are the worked examples): ``name``; ``data`` (prepared shards, augmentation
+preset, training view, optional ``prepare`` block); ``model``; ``loss`` (``dynamic`` or any
+``dynloss.losses.build_loss`` name); ``dynamic`` (the meta-learning knobs, DESIGN.md section 3);
+``sampling`` (hierarchical metadata sampling); ``optim``; ``train``; ``scaling`` (Ray Train workers);
+``run`` (storage, name, failures, MLflow). Paths are relative to the working directory.
+
+    python -c "from dynloss.config import load_config; \
+print(load_config('pipelines/configs/digits.yaml', ['optim.lr=0.05']).optim)"
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dynloss.data import SOURCES
+from dynloss.data.storage import is_uri
+from dynloss.data.transforms import PRESETS as AUG_PRESETS
+from dynloss.losses import LOSSES
+from dynloss.losses import PRESETS as LOSS_PRESETS
+from dynloss.models import MODELS
+from dynloss.noise import CONVENTIONS, PROFILES, parse_noise
+
+DYNAMIC = "dynamic"
+Switch = Literal["auto", "on", "off"]
+
+
+class ConfigError(ValueError):
+    """A config failed validation; ``errors`` holds one ``"key.path: what is wrong"`` line per problem."""
+
+    def __init__(self, errors: Sequence[str], source: str = "config"):
+        self.errors = list(errors)
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        super().__init__(f"{source}: {len(self.errors)} error{'s' * (len(self.errors) != 1)}\n{lines}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _choices(value: str, valid: Iterable[str], what: str) -> str:
+    valid = sorted(valid)
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint}; valid: {', '.join(valid)}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- sections
+class Prepare(Section):
+    """Run ``python -m pipelines.prepare`` first when ``data.path`` holds no manifest (one-command jobs)."""
+    source: str
+    root: str | None = None
+    imbalance: float | None = Field(None, gt=0, le=1)
+    imbalance_profile: Literal[PROFILES] = "exp"  # type: ignore[valid-type]
+    noise: str = "none"
+    convention: Literal[CONVENTIONS] = "prior"  # type: ignore[valid-type]
+    seed: int = 0
+    args: list[str] = Field(default_factory=list, description="extra pipelines.prepare arguments")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _choices(v, SOURCES, "source")
+
+    @field_validator("noise")
+    @classmethod
+    def _noise(cls, v: str) -> str:
+        parse_noise(v)
+        return v
+
+
+class Data(Section):
+    path: str
+    preset: str | None = None  # None: the manifest source's default (dynloss.data.transforms.SOURCE_PRESETS)
+    preset_params: dict[str, Any] = Field(default_factory=dict)
+    train_view: Literal["weak", "strong"] = "weak"
+    eval_split: str = "test"
+    shuffle: Literal["full", "blocks"] = "full"
+    decode_cpus: float = Field(1.0, gt=0)
+    decode_concurrency: int | None = Field(None, ge=1)
+    prepare: Prepare | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        return v if v is None else _choices(v, AUG_PRESETS, "augmentation preset")
+
+
+class Model(Section):
+    name: str = "resnet32"
+    pretrained: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _choices(v, MODELS, "model")
+
+
+class Loss(Section):
+    name: str = DYNAMIC
+    params: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _choices(v, [*LOSSES, DYNAMIC], "loss")
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        return v if v is None else _choices(v, LOSS_PRESETS, "loss preset")
+
+
+class Dynamic(Section):
+    scope: Literal["full", "head"] = "full"
+    meta_interval: int = Field(1, ge=1)
+    warmup_epochs: int = Field(5, ge=0)
+    corrector_pretrain_iters: int = Field(0, ge=0)
+    mix: Literal["gumbel", "softmax"] = "gumbel"
+    meta_lr: float = Field(3e-3, gt=0)
+    margin_prior: Literal["none", "log_prior"] = "none"
+    prior_tau: float = Field(1.0, ge=0)
+    finetune: bool = True
+    meta_batch_size: int | None = Field(None, ge=1)  # global; None = train.batch_size
+    rank_buckets: int = Field(100, ge=1)
+
+
+class Sampling(Section):
+    ratio1: float = Field(0.5, gt=0, le=1)
+    ratio2: float = Field(0.5, gt=0, le=1)
+    criterion: Literal["easy", "hard", "mixed", "random"] = "easy"
+    per_class: int | None = Field(None, ge=1)
+    clean_meta: str | None = None  # a prepared folder whose train split is trusted clean metadata
+    enrich: bool = True            # add the hierarchical sample from the training data to clean_meta
+
+
+class Optim(Section):
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["cosine", "step", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> Optim:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+class Train(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)  # global, split evenly over scaling.num_workers
+    seed: int = 0
+    amp: Switch = "auto"
+    channels_last: Switch = "auto"
+    eval_every: int = Field(1, ge=1)
+    shot_thresholds: tuple[int, int] | None = None  # (many, few); None = dynloss.evaluation.shot_thresholds
+
+    @field_validator("shot_thresholds")
+    @classmethod
+    def _shots(cls, v):
+        if v is not None and not (0 <= v[1] <= v[0]):
+            raise ValueError(f"must be [many, few] with 0 <= few <= many, got {list(v)}")
+        return v
+
+
+class Scaling(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(0.5, gt=0)  # the rest of a small box stays with Ray Data
+
+
+class Run(Section):
+    storage_path: str = "./runs"
+    name: str | None = None  # default: the top-level name; the same name resumes the run
+    max_failures: int = Field(0, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dynloss"
+
+
+class Config(Section):
+    name: str = "dynloss"
+    data: Data
+    model: Model = Field(default_factory=Model)
+    loss: Loss = Field(default_factory=Loss)
+    dynamic: Dynamic = Field(default_factory=Dynamic)
+    sampling: Sampling = Field(default_factory=Sampling)
+    optim: Optim = Field(default_factory=Optim)
+    train: Train = Field(default_factory=Train)
+    scaling: Scaling = Field(default_factory=Scaling)
+    run: Run = Field(default_factory=Run)
+
+    @model_validator(mode="after")
+    def _default_run_name(self) -> Config:
+        if self.run.name is None:
+            self.run.name = self.name
+        return self
+
+    def cross_errors(self) -> list[str]:
+        """Rules that tie two keys together (checked once every key is valid on its own)."""
+        errors = []
+        w = self.scaling.num_workers
+        if self.train.batch_size % w:
+            errors.append(f"train.batch_size: {self.train.batch_size} is not divisible by scaling.num_workers={w}")
+        if self.dynamic.meta_batch_size and self.dynamic.meta_batch_size % w:
+            errors.append(f"dynamic.meta_batch_size: {self.meta_batch_size} is not divisible by "
+                          f"scaling.num_workers={w} (each worker takes an equal slice of every meta batch)")
+        if sorted(set(self.optim.milestones)) != self.optim.milestones or any(m < 1 for m in self.optim.milestones):
+            errors.append(f"optim.milestones: must be increasing epochs >= 1, got {self.optim.milestones}")
+        if self.optim.schedule == "step" and not self.optim.milestones:
+            errors.append("optim.milestones: the step schedule needs milestones (epochs), e.g. [160, 180]")
+        if self.optim.warmup_epochs >= self.train.epochs and self.optim.schedule == "cosine":
+            errors.append(f"optim.warmup_epochs: {self.optim.warmup_epochs} leaves no epochs of the "
+                          f"{self.train.epochs} for the cosine decay")
+        return errors
+
+    @property
+    def meta_batch_size(self) -> int:
+        return self.dynamic.meta_batch_size or self.train.batch_size
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.loss.name == DYNAMIC
+
+    def resolved(self) -> dict:
+        """The whole config as plain JSON types (saved in checkpoints, logged as MLflow params)."""
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------ error report
+_SIMPLE = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "missing": "required key is missing",
+}
+
+
+def _model_at(loc: Sequence) -> type[BaseModel] | None:
+    """The section model reached by following ``loc`` from Config (None past a free-form dict)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _clean_loc(loc: Sequence) -> list:
+    # unions and validators add members like "function-after[...]" or "literal['auto']": not keys
+    return [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("bool", "int", "float", "str")))]
+
+
+def _message(err: dict, loc: list) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+    if kind in _SIMPLE:
+        return _SIMPLE[kind].format(**ctx)
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {err.get('input')!r})"
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One ``key.path: message`` line per problem (a union reports once per key, its first message)."""
+    out: dict[str, str] = {}
+    for err in exc.errors():
+        loc = _clean_loc(err["loc"])
+        key = ".".join(str(p) for p in loc) or "config"
+        out.setdefault(key, _message(err, loc))
+    return [f"{k}: {v}" for k, v in out.items()]
+
+
+# --------------------------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.05"`` -> (["optim", "lr"], 0.05); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ValueError(f"--set {text!r}: expected key.sub=value, e.g. optim.lr=0.05")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> list[str]:
+    """Apply ``key.sub=value`` overrides to ``raw`` in place; returns the errors (bad syntax)."""
+    errors = []
+    for text in overrides or ():
+        try:
+            keys, value = parse_override(text)
+        except (ValueError, yaml.YAMLError) as e:
+            errors.append(str(e))
+            continue
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return errors
+
+
+def manifest_exists(location: str) -> bool:
+    from dynloss.data import storage
+    from dynloss.data.manifest import MANIFEST
+
+    try:
+        fs, path = storage.resolve(location)
+        return storage.is_file(fs, storage.join(path, MANIFEST))
+    except Exception:  # an unreachable URI scheme, missing credentials: reported as missing
+        return False
+
+
+def _path_errors(raw: Mapping) -> list[str]:
+    """data.path must hold a prepared manifest unless data.prepare will make it; clean_meta must exist."""
+    errors = []
+    data = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+    path = data.get("path")
+    if isinstance(path, str) and path and not data.get("prepare") and not manifest_exists(path):
+        errors.append(f"data.path: no prepared dataset at {path!r} (no manifest.json); prepare it with "
+                      f"`python -m pipelines.prepare SOURCE --out {path}` or add a data.prepare block")
+    sampling = raw.get("sampling") if isinstance(raw.get("sampling"), Mapping) else {}
+    clean = sampling.get("clean_meta")
+    if isinstance(clean, str) and clean and not manifest_exists(clean):
+        errors.append(f"sampling.clean_meta: no prepared dataset at {clean!r} (no manifest.json)")
+    return errors
+
+
+def _loss_class_counts_param(name: str) -> bool:
+    return name in LOSSES and "class_counts" in inspect.signature(LOSSES[name]).parameters
+
+
+def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
+    """Checks that need the prepared dataset: splits, class counts for the loss, the loss parameters."""
+    from dynloss.losses import build_loss
+
+    errors = []
+    splits = manifest.get("splits", {})
+    if "train" not in splits:
+        errors.append(f"data.path: the prepared dataset has no train split (splits: {', '.join(splits)})")
+    if cfg.data.eval_split not in splits:
+        errors.append(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.path} "
+                      f"(valid: {', '.join(splits)})")
+    counts = list(splits.get("train", {}).get("counts") or [])
+    num_classes = int(manifest.get("num_classes", len(counts)))
+    needs_counts = (cfg.is_dynamic and cfg.dynamic.margin_prior == "log_prior") or _loss_class_counts_param(cfg.loss.name)
+    if needs_counts and (len(counts) != num_classes or any(c <= 0 for c in counts)):
+        errors.append(f"loss.name: {cfg.loss.name!r} needs every class in the train split, but the manifest's "
+                      f"train counts are {counts}")
+    elif not cfg.is_dynamic:
+        params = dict(cfg.loss.params)
+        if _loss_class_counts_param(cfg.loss.name):
+            params.setdefault("class_counts", counts)
+        try:
+            build_loss(cfg.loss.name, num_classes, preset=cfg.loss.preset, **params)
+        except (ValueError, TypeError) as e:
+            errors.append(f"loss.params: {e}")
+    elif cfg.loss.params:
+        errors.append("loss.params: the dynamic loss takes its settings from the `dynamic` section")
+    return errors
+
+
+def validate(raw: Mapping, source: str = "config", overrides: Iterable[str] = ()) -> Config:
+    """Validate a raw config dict (with overrides applied); raise ConfigError listing every problem."""
+    raw = dict(raw or {})
+    errors = apply_overrides(raw, overrides)
+    errors += _path_errors(raw)
+    cfg = None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        errors = format_errors(e) + errors
+    if cfg is not None and not errors:
+        errors += cfg.cross_errors()
+    if cfg is not None and not errors and manifest_exists(cfg.data.path):
+        from dynloss.data import read_manifest
+
+        errors += manifest_errors(cfg, read_manifest(cfg.data.path))
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate everything (ConfigError lists all errors)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ConfigError([f"--config: no such file {path!r}"], path)
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], path) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], path)
+    return validate(raw, path, overrides)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy with local paths made absolute (Ray workers run in other directories); URIs are kept."""
+    def absolute(p: str | None) -> str | None:
+        return p if p is None or is_uri(p) else os.path.abspath(os.path.expanduser(p))
+
+    out = cfg.model_copy(deep=True)
+    out.data.path = absolute(out.data.path)
+    if out.data.prepare and out.data.prepare.root:
+        out.data.prepare.root = absolute(out.data.prepare.root)
+    out.sampling.clean_meta = absolute(out.sampling.clean_meta)
+    out.run.storage_path = absolute(out.run.storage_path)
+    uri = out.run.mlflow_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        out.run.mlflow_uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return out
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

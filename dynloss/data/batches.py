@@ -1,0 +1,179 @@
+"""From shard rows to training batches, without Ray: id filter, decode + views, corrupt counting, collate.
+
+The Ray Data pipeline (`pipelines/data.py`) runs these same functions inside `map_batches`; this module
+also reads a split in-process (`iter_local_batches`, `load_split_numpy`) for the library demo, the
+meta set and the benchmark baseline. Shard format: DESIGN.md section 5 and notes/common.md (rows `id`,
+`image` bytes, `label`, `true_label`; one directory per split plus `manifest.json`).
+
+Corrupt images are dropped and counted in streaming: every output batch carries a `corrupt` column whose
+sum over the batch is the number of images dropped from the input rows it came from (the whole count
+sits on the batch's first row). A batch whose images are all corrupt keeps one placeholder row (id -1,
+zero pixels) so its count still reaches the consumer; `collate` removes placeholders and sums the
+column into one number per batch.
+
+    python -m pipelines.prepare digits --out data/digits
+    .venv/bin/python -c "from dynloss.data.batches import load_split_numpy; \
+d = load_split_numpy('data/digits', 'train'); print(d['images'].shape, d['corrupt'])"
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from dynloss.data.decode import decode_batch, mode_from_manifest
+from dynloss.data.manifest import read_manifest
+from dynloss.data.shards import SCHEMA, read_split, shard_paths
+from dynloss.data.transforms import Preset, build_preset, make_views
+
+#: columns every shard has: id, image, label, true_label.
+SHARD_COLUMNS = tuple(SCHEMA.names)
+#: metadata columns passed through to each batch.
+META_COLUMNS = ("id", "label", "true_label")
+#: id of the placeholder row that carries the count of an all-corrupt batch.
+PLACEHOLDER_ID = -1
+
+
+# ----------------------------------------------------------------------------------------------- storage
+def split_locations(root: str, split: str) -> list[str]:
+    """The split's shard files as listed in the manifest (absolute for local paths, URIs kept)."""
+    root = str(root) if "://" in str(root) else os.path.abspath(os.path.expanduser(str(root)))
+    return shard_paths(root, split)
+
+
+def read_rows(root: str, split: str) -> pa.Table:
+    """All rows of a split in id order, in-process (small data, the benchmark baseline)."""
+    return read_split(root, split, columns=list(SHARD_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------------- id filter
+def as_id_array(ids, field: str) -> pa.Array | None:
+    """Validate an id set (numpy array / list / pyarrow array of ints) into an int64 pyarrow array."""
+    if ids is None:
+        return None
+    arr = np.asarray(ids.to_numpy(zero_copy_only=False) if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{field} must be integer row ids (the shard `id` column), got dtype {arr.dtype}")
+    return pa.array(arr.reshape(-1).astype(np.int64, copy=False), type=pa.int64())
+
+
+def filter_ids(table: pa.Table, include_ids: pa.Array | None = None, exclude_ids: pa.Array | None = None) -> pa.Table:
+    """Rows whose id is in include_ids (if given) and not in exclude_ids (if given); vectorised."""
+    if include_ids is not None:
+        table = table.filter(pc.is_in(table["id"], value_set=include_ids))
+    if exclude_ids is not None and len(exclude_ids):
+        table = table.filter(pc.invert(pc.is_in(table["id"], value_set=exclude_ids)))
+    return table
+
+
+# ------------------------------------------------------------------------------------------ decode + views
+def batch_seed(seed: int | None, ids: np.ndarray, *extra: int) -> int:
+    """Augmentation seed of one batch: from (seed, extra, the batch's ids), or fresh entropy if seed is None.
+
+    Fresh processes (Ray workers) all start torch's generator from the same constant, so a batch is
+    always seeded explicitly, never left to the process state.
+    """
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+    digest = zlib.crc32(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(e) & 0xFFFFFFFF for e in extra], digest])
+               .generate_state(1, np.uint64)[0] >> 1)
+
+
+def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed: int | None = None) -> dict[str, np.ndarray]:
+    """Decode the `image` column of shard rows once, make the views, drop and count corrupt images.
+
+    Returns numpy columns id, label, true_label, weak + strong (train) or x (eval), corrupt.
+    """
+    if isinstance(rows, pa.Table):
+        blobs = rows["image"].to_pylist()
+        meta = {c: rows[c].to_numpy().astype(np.int64, copy=False) for c in META_COLUMNS}
+    else:
+        blobs = list(rows["image"])
+        meta = {c: np.asarray(rows[c], dtype=np.int64) for c in META_COLUMNS}
+    images, ok = decode_batch(blobs, preset.mode)
+    dropped = int(len(blobs) - ok.sum())
+    out = {c: meta[c][ok] for c in META_COLUMNS}
+    views = make_views(images, preset, train, seed=batch_seed(seed, out["id"]))
+    out.update({k: v.numpy() for k, v in views.items()})
+    out["corrupt"] = np.zeros(len(images), dtype=np.int64)
+    if len(images):
+        out["corrupt"][0] = dropped
+    elif dropped:
+        out = _placeholder(preset, train, dropped)
+    return out
+
+
+def _placeholder(preset: Preset, train: bool, dropped: int) -> dict[str, np.ndarray]:
+    pixels = np.zeros((1, preset.channels, *preset.size), dtype=np.float32)
+    out = {c: np.full(1, PLACEHOLDER_ID, dtype=np.int64) for c in META_COLUMNS}
+    out.update({"weak": pixels, "strong": pixels.copy()} if train else {"x": pixels})
+    out["corrupt"] = np.array([dropped], dtype=np.int64)
+    return out
+
+
+def collate(batch: Mapping[str, np.ndarray], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Numpy batch -> tensors; placeholder rows removed, `corrupt` summed into a 0-dim int64 tensor."""
+    keep = np.asarray(batch["id"]) != PLACEHOLDER_ID
+    out = {k: torch.as_tensor(np.asarray(v)[keep]) for k, v in batch.items() if k != "corrupt"}
+    out["corrupt"] = torch.tensor(int(np.asarray(batch["corrupt"]).sum()), dtype=torch.int64)
+    if device is not None:
+        out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return out
+
+
+def resolve_preset(preset: str | Preset, root: str | None = None, mode: str | None = None, **params) -> Preset:
+    """A Preset from a name (decode mode from the manifest's image.mode unless given) or as is."""
+    if isinstance(preset, Preset):
+        return preset
+    if mode is None and root is not None:
+        mode = mode_from_manifest(read_manifest(root))
+    return build_preset(preset, mode=mode, **params)
+
+
+# ---------------------------------------------------------------------------------- in-process reading
+def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bool = True, batch_size: int = 256,
+                       seed: int = 0, epoch: int = 0, include_ids=None, exclude_ids=None, shuffle: bool = True,
+                       device: torch.device | str | None = None, table: pa.Table | None = None,
+                       **preset_params) -> Iterator[dict[str, torch.Tensor]]:
+    """Single-process batches with the same keys as the Ray path (id, label, true_label, weak/strong or x,
+    corrupt); order and augmentation seeded by (seed, epoch). `table` reuses an already read split."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    preset = resolve_preset(preset, root, **preset_params)
+    table = read_rows(root, split) if table is None else table
+    table = filter_ids(table, as_id_array(include_ids, "include_ids"), as_id_array(exclude_ids, "exclude_ids"))
+    order = np.arange(len(table))
+    if shuffle:
+        order = np.random.default_rng(None if seed is None else [int(seed), int(epoch)]).permutation(len(table))
+    aug_seed = None if seed is None else batch_seed(seed, np.zeros(0, np.int64), epoch)
+    for start in range(0, len(order), batch_size):
+        rows = table.take(pa.array(order[start:start + batch_size]))
+        yield collate(views_from_rows(rows, preset, train, seed=aug_seed), device)
+
+
+def load_split_numpy(root: str, split: str, *, mode: str | None = None, include_ids=None, exclude_ids=None) -> dict:
+    """A split decoded in memory: id, label, true_label (int64 [N]), images (uint8 [N,C,H,W]), corrupt (int).
+
+    For small array sources (digits, (Fashion-)MNIST, CIFAR); images of different sizes raise a
+    ValueError (use iter_local_batches with a resizing preset instead).
+    """
+    manifest = read_manifest(root)
+    mode = mode or mode_from_manifest(manifest)
+    table = filter_ids(read_rows(root, split), as_id_array(include_ids, "include_ids"),
+                       as_id_array(exclude_ids, "exclude_ids"))
+    images, ok = decode_batch(table["image"].to_pylist(), mode)
+    out = {c: table[c].to_numpy().astype(np.int64, copy=False)[ok] for c in META_COLUMNS}
+    shapes = sorted({tuple(i.shape) for i in images})
+    if len(shapes) > 1:
+        raise ValueError(f"{root}/{split}: images have different shapes {shapes[:5]}; load_split_numpy needs one "
+                         "size, iterate with iter_local_batches and a resizing preset instead")
+    out["images"] = torch.stack(images).numpy() if images else np.zeros((0, 1 if mode == "L" else 3, 0, 0), np.uint8)
+    out["corrupt"] = int(len(ok) - ok.sum())
+    return out

@@ -1,0 +1,278 @@
+"""Augmentation presets by name: a weak view, a strong view and an eval view per dataset family.
+
+The Dynamic Loss input pipeline decodes an image once and makes both a weak and a strong view from it
+(DESIGN.md section 5, "Ingest"). Every preset works on uint8 CHW tensors (what `dynloss.data.decode`
+returns) and outputs float32 normalised tensors, built from torchvision.transforms.v2:
+
+- `cifar` / `cifar100`: weak = RandomCrop(32, padding=4) + horizontal flip; strong = weak + AutoAugment
+  (CIFAR10 policy, Cubuk et al. 2019) + Cutout 16x16 (DeVries & Taylor 2017, "Improved Regularization
+  of Convolutional Neural Networks with Cutout"), applied after normalisation as in their code, so the
+  hole holds the dataset mean.
+- `imagenet` (also `webvision`, `imagenet-lt`, `folder`): weak = RandomResizedCrop(size) + flip;
+  strong = weak + RandAugment (or AutoAugment IMAGENET policy); eval = Resize(round(1.14 size)) +
+  CenterCrop(size). size = 224 by default; pass size=299 for inception_resnet_v2 on WebVision.
+- `animal10n`: 64x64 images; weak = RandomCrop(64, padding=4) + flip (Song et al. 2019, SELFIE),
+  strong = weak + RandAugment.
+- `mnist` / `fashion-mnist`: weak = RandomCrop(28, padding=2) (+ flip for fashion-mnist);
+  strong = weak + small RandomAffine + RandomErasing; eval = normalise only.
+- `digits` (scikit-learn 8x8): weak = RandomCrop(8, padding=1); strong = weak + small affine + erasing.
+
+Randomness comes from torch's global generator (what v2 transforms use); `make_views(..., seed=s)`
+makes a batch reproducible without touching the caller's generator.
+
+    .venv/bin/python -c "import torch; from dynloss.data.transforms import build_preset, make_views; \
+p = build_preset('cifar'); v = make_views([torch.zeros(3, 32, 32, dtype=torch.uint8)] * 2, p, train=True, seed=0); \
+print({k: tuple(t.shape) for k, t in v.items()})"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+from dynloss.data.decode import CHANNELS, check_mode
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+# Per-channel statistics of the training sets (0-1 pixel scale).
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+MNIST_STATS = ((0.1307,), (0.3081,))
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+DIGITS_STATS = ((0.3053,), (0.3760,))  # sklearn load_digits, pixel / 16
+
+# Resize-then-crop ratio of the standard ImageNet eval (256 / 224).
+EVAL_RESIZE_RATIO = 1.14
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Three views over uint8 CHW input, float32 normalised output of shape [C, *size]."""
+
+    name: str
+    mode: str  # "L" or "RGB": what the images must be decoded as
+    size: tuple[int, int]  # output H, W of every view
+    weak: Transform
+    strong: Transform
+    eval: Transform
+
+    @property
+    def channels(self) -> int:
+        return CHANNELS[self.mode]
+
+
+class Cutout(torch.nn.Module):
+    """Zero one size x size square whose centre is uniform over the image (clipped at the borders).
+
+    DeVries & Taylor 2017. v2.RandomErasing can fix a 16x16 size (scale and ratio pinned) but always
+    places the patch fully inside the image, which makes holes at the border impossible; this is the
+    paper's version. Works on float tensors [..., H, W] after normalisation (0 = the mean).
+    """
+
+    def __init__(self, size: int = 16, value: float = 0.0) -> None:
+        super().__init__()
+        self.size, self.value = int(size), float(value)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        cy, cx = int(torch.randint(0, h, (1,))), int(torch.randint(0, w, (1,)))
+        y0, y1 = max(cy - self.size // 2, 0), min(cy + self.size // 2, h)
+        x0, x1 = max(cx - self.size // 2, 0), min(cx + self.size // 2, w)
+        out = img.clone()
+        out[..., y0:y1, x0:x1] = self.value
+        return out
+
+
+def _stats(stats: tuple[Sequence[float], Sequence[float]], channels: int) -> tuple[list[float], list[float]]:
+    """Adapt 1- or 3-channel statistics to the decode mode (e.g. a grayscale folder with imagenet)."""
+    mean, std = list(stats[0]), list(stats[1])
+    if len(mean) == channels:
+        return mean, std
+    if channels == 1:
+        return [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return mean * channels, std * channels
+
+
+def _finish(stats, mode: str) -> list:
+    mean, std = _stats(stats, CHANNELS[mode])
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def _cifar(mode: str | None = None, stats=CIFAR10_STATS, name: str = "cifar", cutout: int = 16) -> Preset:
+    mode = check_mode(mode or "RGB")
+    base = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    strong = base + [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)] + _finish(stats, mode)
+    if cutout:
+        strong.append(Cutout(cutout))
+    return Preset(
+        name, mode, (32, 32),
+        weak=v2.Compose(base + _finish(stats, mode)),
+        strong=v2.Compose(strong),
+        eval=v2.Compose(_finish(stats, mode)),
+    )
+
+
+def _cifar100(mode: str | None = None, **kwargs) -> Preset:
+    return _cifar(mode, stats=kwargs.pop("stats", CIFAR100_STATS), name="cifar100", **kwargs)
+
+
+_STRONG_POLICIES: dict[str, Callable[[], Transform]] = {
+    "randaugment": lambda: v2.RandAugment(),
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+}
+
+
+def _strong_policy(policy: str) -> Transform:
+    if policy not in _STRONG_POLICIES:
+        raise ValueError(f"strong policy {policy!r} is not known; valid: {sorted(_STRONG_POLICIES)}")
+    return _STRONG_POLICIES[policy]()
+
+
+def _imagenet(mode: str | None = None, size: int = 224, policy: str = "randaugment", stats=IMAGENET_STATS,
+              name: str = "imagenet") -> Preset:
+    mode = check_mode(mode or "RGB")
+    size = int(size)
+    base = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    evals = [v2.Resize(round(size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(size)]
+    return Preset(
+        name, mode, (size, size),
+        weak=v2.Compose(base + _finish(stats, mode)),
+        strong=v2.Compose(base + [_strong_policy(policy)] + _finish(stats, mode)),
+        eval=v2.Compose(evals + _finish(stats, mode)),
+    )
+
+
+def _animal10n(mode: str | None = None, size: int = 64, policy: str = "randaugment", stats=IMAGENET_STATS) -> Preset:
+    mode = check_mode(mode or "RGB")
+    size = int(size)
+    base = [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
+    # Animal-10N images are all 64x64; the resize only guards against a folder of other sizes.
+    evals = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    return Preset(
+        "animal10n", mode, (size, size),
+        weak=v2.Compose(base + _finish(stats, mode)),
+        strong=v2.Compose(base + [_strong_policy(policy)] + _finish(stats, mode)),
+        eval=v2.Compose(evals + _finish(stats, mode)),
+    )
+
+
+def _small_gray(name: str, size: int, padding: int, flip: bool, stats, mode: str | None,
+                degrees: float, erase_scale: tuple[float, float]) -> Preset:
+    mode = check_mode(mode or "L")
+    base = [v2.RandomCrop(size, padding=padding)] + ([v2.RandomHorizontalFlip()] if flip else [])
+    strong = (
+        base
+        + [v2.RandomAffine(degrees=degrees, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+        + _finish(stats, mode)
+        + [v2.RandomErasing(p=0.5, scale=erase_scale, value=0)]
+    )
+    return Preset(
+        name, mode, (size, size),
+        weak=v2.Compose(base + _finish(stats, mode)),
+        strong=v2.Compose(strong),
+        eval=v2.Compose(_finish(stats, mode)),
+    )
+
+
+def _mnist(mode: str | None = None, flip: bool = False, stats=MNIST_STATS, name: str = "mnist") -> Preset:
+    return _small_gray(name, 28, 2, flip, stats, mode, degrees=10, erase_scale=(0.02, 0.15))
+
+
+def _fashion_mnist(mode: str | None = None, flip: bool = True, stats=FASHION_MNIST_STATS) -> Preset:
+    return _mnist(mode, flip=flip, stats=stats, name="fashion-mnist")
+
+
+def _digits(mode: str | None = None, flip: bool = False, stats=DIGITS_STATS) -> Preset:
+    return _small_gray("digits", 8, 1, flip, stats, mode, degrees=10, erase_scale=(0.02, 0.1))
+
+
+#: preset name -> factory(mode=None, **params) -> Preset
+PRESETS: dict[str, Callable[..., Preset]] = {
+    "cifar": _cifar,
+    "cifar100": _cifar100,
+    "imagenet": _imagenet,
+    "webvision": lambda mode=None, **kw: _imagenet(mode, name="webvision", **kw),
+    "imagenet-lt": lambda mode=None, **kw: _imagenet(mode, name="imagenet-lt", **kw),
+    "animal10n": _animal10n,
+    "mnist": _mnist,
+    "fashion-mnist": _fashion_mnist,
+    "digits": _digits,
+}
+
+#: `dynloss prepare` source name -> default preset name.
+SOURCE_PRESETS: dict[str, str] = {
+    "cifar10": "cifar",
+    "cifar100": "cifar100",
+    "mnist": "mnist",
+    "fashion-mnist": "fashion-mnist",
+    "webvision": "webvision",
+    "webvision-mini": "webvision",
+    "imagenet-lt": "imagenet-lt",
+    "animal10n": "animal10n",
+    "folder": "imagenet",
+    "digits": "digits",
+}
+
+
+def build_preset(name: str, mode: str | None = None, **params) -> Preset:
+    """Preset `name` for images decoded as `mode` ("L"/"RGB"; None = the preset's own default).
+
+    params go to the preset factory, e.g. build_preset("webvision", size=299, policy="autoaugment"),
+    build_preset("mnist", flip=True).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not known; valid presets: {sorted(PRESETS)}")
+    try:
+        return PRESETS[name](mode, **params)
+    except TypeError as exc:
+        raise ValueError(f"preset {name!r}: bad parameters {sorted(params)}: {exc}") from exc
+
+
+def preset_for_source(source: str) -> str:
+    """Default preset name for a manifest `source` (as written by `dynloss prepare`)."""
+    if source not in SOURCE_PRESETS:
+        raise ValueError(f"no default preset for source {source!r}; known sources: {sorted(SOURCE_PRESETS)}; "
+                         f"pass a preset explicitly (one of {sorted(PRESETS)})")
+    return SOURCE_PRESETS[source]
+
+
+def _stack(views: list[torch.Tensor], preset: Preset, which: str) -> torch.Tensor:
+    try:
+        return torch.stack(views)
+    except RuntimeError as exc:
+        shapes = sorted({tuple(v.shape) for v in views})
+        raise ValueError(f"preset {preset.name!r} {which} view produced different shapes {shapes}; "
+                         f"this preset expects {preset.size} inputs (choose a preset that resizes)") from exc
+
+
+def make_views(images: Sequence[torch.Tensor], preset: Preset, train: bool, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Views of a batch of decoded uint8 CHW images, one decode shared by both train views.
+
+    train=True -> {"weak": [B,C,H,W], "strong": [B,C,H,W]}; train=False -> {"x": [B,C,H,W]}; float32.
+    seed: make the augmentation reproducible (the caller's torch RNG state is left untouched).
+    """
+    for i, img in enumerate(images):
+        if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != preset.channels:
+            raise ValueError(f"image {i}: expected uint8 [{preset.channels}, H, W] for preset {preset.name!r} "
+                             f"(mode {preset.mode}), got {img.dtype} {tuple(img.shape)}; decode with mode={preset.mode!r}")
+    if seed is None:
+        return _views(images, preset, train)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _views(images, preset, train)
+
+
+def _views(images: Sequence[torch.Tensor], preset: Preset, train: bool) -> dict[str, torch.Tensor]:
+    c, (h, w) = preset.channels, preset.size
+    if not images:
+        empty = torch.empty((0, c, h, w), dtype=torch.float32)
+        return {"weak": empty, "strong": empty.clone()} if train else {"x": empty}
+    if not train:
+        return {"x": _stack([preset.eval(img) for img in images], preset, "eval")}
+    weak = _stack([preset.weak(img) for img in images], preset, "weak")
+    strong = _stack([preset.strong(img) for img in images], preset, "strong")
+    return {"weak": weak, "strong": strong}

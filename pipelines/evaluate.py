@@ -1,0 +1,151 @@
+"""Evaluate a training checkpoint on a prepared split: top-1/top-5, per-class and many/medium/few-shot accuracy.
+
+    python -m pipelines.evaluate --checkpoint runs/digits/checkpoint_epoch0004 --data data/digits
+    dynloss evaluate --checkpoint PATH --data DIR [--split test] [--batch-size 256] [--json OUT.json]
+
+The same numbers as the training loop's ``eval/*`` metrics (``eval_metrics`` is shared): the model, the
+augmentation preset and the shot thresholds come from the checkpoint (its resolved config and the training
+class counts), the images from ``--data`` read in-process with the preset's eval view. Runs without Ray.
+
+Shot groups (Liu et al. 2019, ImageNet-LT): many-shot classes have more than 100 training images, few-shot
+fewer than 20. Those cut-offs assume ImageNet-LT's 1280..5 range; when they leave a group empty on a smaller
+dataset (CIFAR-10-LT 5000..50, Fashion-MNIST-LT 6000..60) the classes are split into thirds by training count
+instead (``shot_thresholds``); ``train.shot_thresholds: [many, few]`` in the config sets them explicitly.
+Raises ValueError (exit 2) for a path that is not a checkpoint or a dataset without the split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from dynloss.metrics import per_class_accuracy, shot_split_accuracy
+
+IMAGENET_LT_SHOTS = (100, 20)
+
+
+def shot_thresholds(train_counts: Sequence[int]) -> tuple[int, int]:
+    """(many, few): ImageNet-LT's (100, 20) when all three groups are non-empty, else thirds by count."""
+    counts = np.sort(np.asarray(train_counts, dtype=np.int64))
+    many, few = IMAGENET_LT_SHOTS
+    if (counts > many).any() and (counts < few).any() and ((counts <= many) & (counts >= few)).any():
+        return many, few
+    k = len(counts) // 3
+    if k == 0 or counts[0] == counts[-1]:
+        return int(counts[-1]), int(counts[0])  # balanced or tiny: every class is medium-shot
+    # few = the k smallest classes (count < counts[k]); many = the k largest (count > counts[-k-1])
+    return int(counts[-k - 1]), int(counts[k])
+
+
+def eval_metrics(pred: np.ndarray, label: np.ndarray, top5_hit: np.ndarray, train_counts: Sequence[int],
+                 thresholds: Sequence[int] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """(``eval/*`` metrics, per-class accuracy) of predictions on a clean split."""
+    num_classes = len(train_counts)
+    many, few = thresholds or shot_thresholds(train_counts)
+    per_class = per_class_accuracy(pred, label, num_classes)
+    shots = shot_split_accuracy(pred, label, train_counts, many=many, few=few)
+    present = per_class[~np.isnan(per_class)]
+    metrics = {
+        "eval/top1": float(np.mean(pred == label)) if len(label) else float("nan"),
+        "eval/top5": float(np.mean(top5_hit)) if len(label) else float("nan"),
+        "eval/many_shot": shots["many"],
+        "eval/medium_shot": shots["medium"],
+        "eval/few_shot": shots["few"],
+        "eval/mean_class": float(present.mean()) if present.size else float("nan"),
+        "eval/worst_class": float(present.min()) if present.size else float("nan"),
+        "eval/images": float(len(label)),
+    }
+    return metrics, per_class
+
+
+def prediction_arrays(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """From ``dynloss.engine.predict`` output: pred, label, top5_hit (1-D, so workers can gather them)."""
+    top5 = np.asarray(out["top5"]).reshape(len(out["label"]), -1)
+    return {"pred": out["pred"], "label": out["label"], "top5_hit": (top5 == out["label"][:, None]).any(1)}
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_size: int = 256,
+                        device: str | None = None) -> dict:
+    """Metrics of the checkpoint's model on ``data/split``; also ``per_class`` and ``classes``."""
+    import torch
+
+    from dynloss.checkpoint import load_state
+    from dynloss.config import Config
+    from dynloss.data import read_manifest
+    from dynloss.data.batches import iter_local_batches
+    from dynloss.engine import predict
+
+    state = load_state(checkpoint)
+    cfg = Config.model_validate(state["config"])
+    extra = state.get("extra") or {}
+    manifest = read_manifest(data)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{data}: no split {split!r}; it has {', '.join(manifest['splits'])}")
+    model, preset = build_eval_model(cfg, extra, manifest)
+    model.load_state_dict(state["model"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    batches = ({"x": b["x"], "label": b["label"]}
+               for b in iter_local_batches(data, split, preset, train=False, batch_size=batch_size, shuffle=False))
+    arrays = prediction_arrays(predict(model, batches))
+    thresholds = cfg.train.shot_thresholds
+    metrics, per_class = eval_metrics(arrays["pred"], arrays["label"], arrays["top5_hit"], extra["train_counts"],
+                                      thresholds)
+    return {**metrics, "epoch": state["epoch"], "per_class": per_class.tolist(),
+            "classes": extra.get("classes") or [str(c) for c in range(len(per_class))]}
+
+
+def build_eval_model(cfg, extra: Mapping, manifest: Mapping):
+    """The checkpoint's classifier (untrained) and its augmentation preset, as the training loop built them."""
+    from dynloss.data.batches import resolve_preset
+    from dynloss.data.decode import mode_from_manifest
+    from dynloss.data.transforms import preset_for_source
+    from dynloss.models import build_model
+
+    preset_name = cfg.data.preset or extra.get("preset") or preset_for_source(manifest["source"])
+    preset = resolve_preset(preset_name, mode=extra.get("mode") or mode_from_manifest(manifest),
+                            **cfg.data.preset_params)
+    model = build_model(cfg.model.name, extra.get("num_classes", manifest["num_classes"]),
+                        in_chans=preset.channels, pretrained=False)
+    return model, preset
+
+
+def format_report(result: Mapping) -> str:
+    lines = [f"epoch {result['epoch']}: top-1 {result['eval/top1']:.2%}  top-5 {result['eval/top5']:.2%}  "
+             f"many {result['eval/many_shot']:.2%}  medium {result['eval/medium_shot']:.2%}  "
+             f"few {result['eval/few_shot']:.2%}  ({int(result['eval/images'])} images)"]
+    for name, acc in zip(result["classes"], result["per_class"]):
+        lines.append(f"  {name:>20}  {acc:.2%}" if acc == acc else f"  {name:>20}  -")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynloss evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory written by pipelines.train")
+    p.add_argument("--data", required=True, help="a prepared dataset folder or URI (python -m pipelines.prepare)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.device)
+    except ValueError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""MLflow tracking of a training job: one run per job, params, per-epoch metrics, plots, label report, checkpoint.
+
+Who logs what (DESIGN.md section 5; rank 0 only among the workers):
+  driver (pipelines.train)  opens the run (or reopens it: a resubmitted job with the same run.name continues
+                            the same MLflow run, its id kept in STORAGE/NAME/mlflow_run.json), logs the whole
+                            resolved config flattened as params, and at the end the final checkpoint directory
+                            (artifact ``checkpoint/``), ``label_report.parquet`` and the run status;
+  rank-0 worker             metrics every epoch under stable slash names (train/loss, meta/trust_clean,
+                            eval/top1, data/corrupt, time/images_per_s, ...; step = epoch) and the plots
+                            ``plots/margins.png`` (learned margins against log prior: logit adjustment is the
+                            line y = x) and ``plots/trust_curves.png`` (the corrector's rank-to-trust curves).
+Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses a plain file store by
+default); ``--mlflow-uri http://HOST:5000`` for a tracking server, which workers on other nodes can reach.
+New experiments on a SQLite store keep their artifacts next to the database (``mlartifacts/``).
+
+    mlflow ui --backend-store-uri sqlite:///mlflow.db      # then open http://127.0.0.1:5000
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from dynloss.config import flatten
+from dynloss.data import storage
+
+MARKER = "mlflow_run.json"
+_PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
+_PARAM_MAX_LEN = 6000
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_root(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".", "mlartifacts")
+    return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:  # created meanwhile by a concurrent job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _marker_path(run_dir: str) -> tuple:
+    fs, path = storage.resolve(run_dir)
+    return fs, storage.join(path, MARKER)
+
+
+def _read_marker(run_dir: str) -> dict | None:
+    fs, path = _marker_path(run_dir)
+    if not storage.is_file(fs, path):
+        return None
+    try:
+        return json.loads(storage.read_bytes(fs, path))
+    except ValueError:
+        return None
+
+
+def start_run(uri: str, experiment: str, run_name: str, run_dir: str, params: Mapping,
+              tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, resumed): reopen the job's MLflow run if ``run_dir`` names one in this store, else create it."""
+    client = _client(uri)
+    marker = _read_marker(run_dir)
+    if marker and marker.get("tracking_uri") == uri:
+        try:
+            run = client.get_run(marker["run_id"])
+            client.update_run(run.info.run_id, status="RUNNING")
+            _log_params(client, run.info.run_id, params, existing=run.data.params)
+            return run.info.run_id, True
+        except Exception:  # deleted meanwhile: start a new one
+            pass
+    run = client.create_run(experiment_id(client, experiment, uri), run_name=run_name, tags=dict(tags or {}))
+    _log_params(client, run.info.run_id, params, existing={})
+    fs, path = _marker_path(run_dir)
+    storage.write_atomic(fs, path, json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}).encode())
+    return run.info.run_id, False
+
+
+def _log_params(client, run_id: str, params: Mapping, existing: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(params).items()}
+    # MLflow params are immutable: a resumed job logs only the keys it did not log before
+    new = [Param(k, v[:_PARAM_MAX_LEN]) for k, v in sorted(flat.items()) if k not in existing]
+    changed = sorted(k for k, v in flat.items() if k in existing and existing[k] != v[:_PARAM_MAX_LEN])
+    for i in range(0, len(new), _PARAM_BATCH):
+        client.log_batch(run_id, params=new[i:i + _PARAM_BATCH])
+    if changed:
+        client.set_tag(run_id, "dynloss.changed_on_resume", ",".join(changed)[:5000])
+
+
+class RunLogger:
+    """What the rank-0 worker logs into an open run (metrics per epoch, plots)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = _client(uri), run_id
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in sorted(values.items())
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def plots(self, margins: np.ndarray, log_prior: np.ndarray, curves: np.ndarray, epoch: int) -> None:
+        """plots/margins.png and plots/trust_curves.png (overwritten each time: the latest epoch)."""
+        with tempfile.TemporaryDirectory() as d:
+            for name, fig in (("margins.png", margin_plot(margins, log_prior, epoch)),
+                              ("trust_curves.png", trust_plot(curves, epoch))):
+                path = os.path.join(d, name)
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+                self.artifact(path, "plots")
+
+
+def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, status: str = "FINISHED",
+               summary: Mapping[str, float] | None = None) -> None:
+    """Driver, after fit: the final checkpoint and label report as artifacts, then the run status."""
+    client = _client(uri)
+    if checkpoint_dir:
+        client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
+        report = os.path.join(checkpoint_dir, "label_report.parquet")
+        if os.path.isfile(report):
+            client.log_artifact(run_id, report)
+    for k, v in (summary or {}).items():
+        client.set_tag(run_id, f"final.{k}", str(v))
+    client.set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _figure(width: float = 6.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def margin_plot(margins: Sequence[float], log_prior: Sequence[float], epoch: int):
+    """Learned per-class margins against log prior; logit adjustment (tau = 1) is y = x + const."""
+    margins, log_prior = np.asarray(margins, float), np.asarray(log_prior, float)
+    fig, ax = _figure()
+    ax.scatter(log_prior, margins, s=18)
+    if len(margins) <= 30:
+        for c, (x, y) in enumerate(zip(log_prior, margins)):
+            ax.annotate(str(c), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    lo, hi = float(log_prior.min()), float(log_prior.max())
+    shift = float(np.mean(margins - log_prior))  # softmax ignores a constant shift
+    ax.plot([lo, hi], [lo + shift, hi + shift], "k--", lw=1, label="logit adjustment (y = log prior + c)")
+    ax.set_xlabel("log prior (training class frequency)")
+    ax.set_ylabel("learned margin")
+    ax.set_title(f"margin generator, epoch {epoch}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def trust_plot(curves: np.ndarray, epoch: int):
+    """Trust w against loss-rank bucket, one line per class (mean and 10-90% band beyond 20 classes)."""
+    curves = np.asarray(curves, float)
+    fig, ax = _figure()
+    r = np.arange(curves.shape[1])
+    if curves.shape[0] <= 20:
+        for c, row in enumerate(curves):
+            ax.plot(r, row, lw=1, label=str(c))
+        ax.legend(fontsize=6, ncol=2, title="class")
+    else:
+        ax.fill_between(r, np.quantile(curves, 0.1, 0), np.quantile(curves, 0.9, 0), alpha=0.3, label="10-90%")
+        ax.plot(r, curves.mean(0), lw=1.5, label="mean over classes")
+        ax.legend(fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("loss-rank bucket within the given class (0 = lowest loss)")
+    ax.set_ylabel("trust w")
+    ax.set_title(f"label corrector, epoch {epoch}")
+    return fig

@@ -1,0 +1,300 @@
+"""Train with the Dynamic Loss (or any robust loss) on Ray Train: DDP meta-learning, checkpoints, resume, MLflow.
+
+    python -m pipelines.train --config pipelines/configs/digits.yaml
+    dynloss train --config pipelines/configs/fashion_mnist_lt.yaml --set loss.name=ce --set run.name=fmnist-ce
+    ray job submit --working-dir . -- python -m pipelines.train --config pipelines/configs/cifar10_lt_noisy.yaml \\
+        --mlflow-uri http://mlflow-host:5000          # on a running cluster (see pipelines/ray_runtime.py for auth)
+
+What it does, top to bottom (DESIGN.md section 5, "Train"):
+  1. validates the whole config (dynloss.config; every error at once, before Ray starts), runs
+     ``pipelines.prepare`` first when ``data.prepare`` is set and the shards are missing;
+  2. connects to the cluster (``--address`` / RAY_ADDRESS / ``ray job submit``) or starts an embedded local
+     runtime, token authentication on (pipelines.ray_runtime);
+  3. opens (or, for a resubmitted ``run.name``, reopens) the MLflow run and logs the resolved config;
+  4. declares the Ray Data pipelines (pipelines.data: train stream with weak + strong views, the train split's
+     un-augmented view for the ranking pass, the eval split) and runs a ``TorchTrainer`` (Ray Train V2):
+     N workers, DDP over gloo (CPU) or NCCL (GPU), ``train_loop`` per worker;
+  5. logs the final checkpoint and ``label_report.parquet`` to MLflow and prints the final metrics.
+Per epoch each worker (pipelines.train_worker): ranking pass -> rank table + meta set (Dynamic Loss, after
+warm-up) -> train_one_epoch with the DDP meta hooks -> fine-tune on the meta set -> evaluation every
+``train.eval_every`` epochs (top-1/5, many/medium/few-shot, trust of clean vs noisy labels) -> a checkpoint
+directory reported with the metrics by every worker -> rank 0 logs to MLflow and prints a progress line.
+
+Resume: ``run.max_failures`` restarts a failed run from its last checkpoint; running the same command again
+(same ``run.name`` and ``run.storage_path``) continues from the last checkpoint of that run, in the same
+MLflow run. ``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
+Exit status: 0 done, 2 invalid config (nothing started), 1 training failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from dynloss.config import Config, ConfigError, load_config, manifest_errors, manifest_exists, resolve_paths
+from dynloss.data import read_manifest, storage
+
+FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
+EQUAL_SPLIT = ("train",)  # lockstep DDP needs the same number of batches on every worker
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    checkpoint: str | None
+    run_id: str | None
+    run_dir: str
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def ensure_prepared(cfg: Config) -> None:
+    """Run pipelines.prepare for ``data.prepare`` when ``data.path`` has no manifest yet."""
+    p = cfg.data.prepare
+    if p is None or manifest_exists(cfg.data.path):
+        return
+    from pipelines import prepare
+
+    argv = [p.source, "--out", cfg.data.path, "--noise", p.noise, "--noise-convention", p.convention,
+            "--seed", str(p.seed), "--imbalance-profile", p.imbalance_profile]
+    argv += ["--root", p.root] if p.root else []
+    argv += ["--imbalance", str(p.imbalance)] if p.imbalance is not None else []
+    argv += [*p.args, *([] if sys.stderr.isatty() else ["--no-progress"])]
+    print(f"data.prepare: python -m pipelines.prepare {' '.join(argv)}", flush=True)
+    if prepare.main(argv) != 0:
+        raise ConfigError([f"data.prepare: `python -m pipelines.prepare {' '.join(argv)}` failed (message above)"])
+
+
+def check_dataset(cfg: Config) -> dict:
+    manifest = read_manifest(cfg.data.path)
+    errors = manifest_errors(cfg, manifest)
+    if errors:
+        raise ConfigError(errors)
+    return manifest
+
+
+def build_datasets(cfg: Config, manifest: dict) -> dict:
+    """train (weak + strong views, new order every epoch), rank (train split, eval view), eval."""
+    from dynloss.data.transforms import preset_for_source
+    from pipelines.data import build_dataset
+
+    common = {"preset": cfg.data.preset or preset_for_source(manifest["source"]),
+              "preset_params": cfg.data.preset_params, "num_cpus": cfg.data.decode_cpus,
+              "concurrency": cfg.data.decode_concurrency}
+    return {
+        "train": build_dataset(cfg.data.path, "train", train=True, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                               **common),
+        "rank": build_dataset(cfg.data.path, "train", train=False, shuffle="none", **common),
+        "eval": build_dataset(cfg.data.path, cfg.data.eval_split, train=False, shuffle="none", **common),
+    }
+
+
+def _exact_split_config():
+    from ray.train import DataConfig
+
+    class ExactSplit(DataConfig):
+        """``train`` split equally (DDP steps in lockstep; a few rows may be dropped per epoch); ``rank`` and
+        ``eval`` split with ``equal=False`` so every row is seen exactly once (a ranking pass must rank every
+        sample, an evaluation must count every test image). Uses DataConfig's own helpers (Ray 2.5x/2.6x)."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            equal = {k: v for k, v in datasets.items() if k in EQUAL_SPLIT}
+            out = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if name in EQUAL_SPLIT:
+                    continue
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i][name] = split
+            return out
+
+    return ExactSplit()
+
+
+def _use_gpu(setting) -> bool:
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(setting)
+
+
+def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = None) -> TrainResult:
+    """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines import tracking
+    from pipelines.ray_runtime import init_ray
+
+    cfg = resolve_paths(cfg)
+    ensure_prepared(cfg)
+    manifest = check_dataset(cfg)
+    init_ray(address)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = sys.stderr.isatty()
+    data_ctx.print_on_execution_start = False  # an execution plan per dataset per epoch drowns the progress lines
+    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+    fs, run_path = storage.resolve(cfg.run.storage_path)
+    run_dir = storage.display(cfg.run.storage_path, cfg.run.name)
+    fs.create_dir(storage.join(run_path, cfg.run.name), recursive=True)
+    run_id, resumed = tracking.start_run(cfg.run.mlflow_uri, cfg.run.experiment, cfg.run.name, run_dir,
+                                         cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv)})
+    print(f"[{cfg.run.name}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {cfg.run.mlflow_uri}; "
+          f"{cfg.scaling.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in {run_dir}", flush=True)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.resolved(), "mlflow_uri": cfg.run.mlflow_uri, "run_id": run_id,
+                           "run_dir": run_dir, "fail_at_epoch": fail_at_epoch},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
+        datasets=build_datasets(cfg, manifest),
+        dataset_config=_exact_split_config(),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(cfg.run.mlflow_uri, run_id, None, status="FAILED")
+        raise
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    metrics = dict(result.metrics or {})
+    with (result.checkpoint.as_directory() if result.checkpoint is not None else nullcontext(None)) as d:
+        tracking.finish_run(cfg.run.mlflow_uri, run_id, d, summary={k: metrics[k] for k in ("eval/top1", "epoch")
+                                                                     if k in metrics})
+    print(f"[{cfg.run.name}] done: {final_line(metrics)}; checkpoint {checkpoint}", flush=True)
+    return TrainResult(metrics, checkpoint, run_id, run_dir)
+
+
+# ------------------------------------------------------------------------------------------ per worker
+def _maybe_fail(loop_config: dict, epoch: int) -> None:
+    """Fault drill: raise once at the start of epoch ``fail_at_epoch`` (a marker file makes it once per run)."""
+    from dynloss import distributed
+
+    if loop_config.get("fail_at_epoch") is None or epoch != int(loop_config["fail_at_epoch"]):
+        return
+    marker = os.path.join(loop_config["run_dir"], f".injected_failure_epoch{epoch}")
+    fired = os.path.exists(marker)
+    distributed.barrier()  # every worker looks before rank 0 writes the marker: all raise, or none
+    if fired:
+        return
+    if distributed.rank() == 0:
+        open(marker, "w").close()
+    raise RuntimeError(f"{FAIL_ENV}={epoch}: injected failure at the start of epoch {epoch}")
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function: build (or resume), then per epoch train, evaluate, checkpoint, report."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from pipelines.tracking import RunLogger
+    from pipelines.train_worker import Worker
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, epochs = ctx.get_world_rank(), cfg.train.epochs
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as d:
+        worker = Worker(cfg, rank, ctx.get_world_size(), ray.train.torch.get_device(), d)
+    logger = RunLogger(loop_config["mlflow_uri"], loop_config["run_id"]) if rank == 0 and loop_config.get("run_id") \
+        else None
+    if rank == 0 and worker.start_epoch:
+        _say(f"[{cfg.run.name}] resumed after epoch {worker.start_epoch - 1}")
+    times = []
+    for epoch in range(worker.start_epoch, epochs):
+        _maybe_fail(loop_config, epoch)
+        t0 = time.perf_counter()
+        metrics = worker.train_epoch(epoch)
+        last = epoch == epochs - 1
+        if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            metrics.update(worker.evaluate(epoch))
+        metrics.update(worker.trust_metrics())
+        report = worker.label_report(epoch) if last else None
+        times.append(time.perf_counter() - t0)
+        metrics.update({"time/epoch_s": times[-1], "epoch": epoch})
+        with tempfile.TemporaryDirectory() as d:
+            worker.save(d, epoch, metrics, report)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+        if rank == 0:
+            left = sum(times) / len(times) * (epochs - epoch - 1)
+            _say(f"[{cfg.run.name}] epoch {epoch + 1}/{epochs}  {final_line(metrics)}  "
+                 f"{metrics['time/images_per_s']:.0f} img/s  {times[-1]:.1f} s  ~{left:.0f} s left")
+            if logger is not None:
+                logger.metrics(metrics, step=epoch)
+                plots = worker.plot_inputs()
+                if plots is not None and ("eval/top1" in metrics or last):
+                    logger.plots(*plots, epoch=epoch)
+
+
+def _say(line: str) -> None:
+    # the real stdout: Ray Train V2's patched print would show every line twice (log record + tee)
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def final_line(m: dict) -> str:
+    parts = []
+    for key, label, pct in (("train/loss", "loss", False), ("train/acc", "acc", True), ("meta/loss", "meta", False),
+                            ("eval/top1", "top1", True), ("eval/few_shot", "few", True)):
+        if key in m and m[key] == m[key]:
+            parts.append(f"{label} {m[key]:.1%}" if pct else f"{label} {m[key]:.3f}")
+    if "meta/trust_clean" in m:
+        parts.append(f"trust clean/noisy {m['meta/trust_clean']:.3f}/{m.get('meta/trust_noisy', float('nan')):.3f}")
+    return "  ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynloss train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment YAML (pipelines/configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable): --set optim.lr=0.05")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: run.mlflow_uri, sqlite:///mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local `ray start`, or embedded)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.set) + ([f"run.mlflow_uri={args.mlflow_uri}"] if args.mlflow_uri else [])
+    fail_at = os.environ.get(FAIL_ENV)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"train: invalid config {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipelines.ray_runtime import shutdown_ray
+
+    owns_ray = not ray.is_initialized()
+    try:
+        result = run(cfg, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None)
+    except ConfigError as e:  # found once the dataset is prepared (loss parameters, splits)
+        print(f"train: invalid config {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray's TrainingFailedError carries the worker traceback
+        print(f"train: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if owns_ray:
+            shutdown_ray()
+    return 0 if result.checkpoint else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

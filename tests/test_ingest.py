@@ -1,0 +1,148 @@
+"""Ray Data ingest on a real local Ray runtime (2 CPUs) over real parquet shards of PNG digits.
+
+    .venv/bin/python -m pytest tests/test_ingest.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from ingest_shards import write_digits
+
+ray = pytest.importorskip("ray")
+
+from pipelines.data import SharedIds, build_dataset, iter_train_batches
+from pipelines.ray_runtime import init_ray, shutdown_ray
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning"),
+]
+
+N = 200  # rows per split; even, so an equal 2-way split keeps every row
+CORRUPT = 37
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    init_ray(address="local", num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    _images, labels = write_digits(str(root), n=N, n_shards=4, splits=("train", "test"))
+    return str(root), labels
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits_corrupt")
+    write_digits(str(root), n=60, n_shards=2, corrupt_ids=[CORRUPT])
+    return str(root)
+
+
+def epoch_ids(ds_or_shard, **kw) -> tuple[list[int], int, list[dict]]:
+    batches = list(iter_train_batches(ds_or_shard, batch_size=kw.pop("batch_size", 64), **kw))
+    ids = torch.cat([b["id"] for b in batches]).tolist()
+    return ids, sum(int(b["corrupt"]) for b in batches), batches
+
+
+def test_token_auth_is_on_for_the_local_runtime(ray_local):
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert os.environ["RAY_AUTH_MODE"] == "token" and get_authentication_mode() == AuthenticationMode.TOKEN
+    assert ray.get(ray.remote(lambda: os.environ.get("RAY_AUTH_MODE")).remote()) == "token"
+
+
+def test_auth_policy_turns_token_auth_on_and_never_off(ray_local, monkeypatch, tmp_path, caplog):
+    from pipelines.ray_runtime import configure_auth
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert configure_auth(connecting=False) == "disabled" and os.environ["RAY_AUTH_MODE"] == "disabled"
+    assert "DISABLED" in caplog.text  # respected, but said out loud
+    monkeypatch.setenv("RAY_AUTH_MODE", "tokens")
+    with pytest.raises(ValueError, match="valid"):
+        configure_auth(connecting=True)
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    assert configure_auth(connecting=True) == "disabled" and "RAY_AUTH_MODE" not in os.environ  # no token: Ray decides
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+    assert configure_auth(connecting=True) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_local, shards):
+    root, labels = shards
+    meta = np.random.default_rng(0).choice(N, size=50, replace=False)
+    ds = build_dataset(root, "train", preset="digits", exclude_ids=meta, batch_size=32, seed=0)
+    ids, corrupt, batches = epoch_ids(ds)
+    assert sorted(ids) == sorted(set(range(N)) - set(meta.tolist())) and corrupt == 0
+    b = batches[0]
+    assert set(b) == {"id", "label", "true_label", "weak", "strong", "corrupt"}
+    assert b["weak"].shape[1:] == (1, 8, 8) and b["weak"].dtype == torch.float32
+    assert not torch.equal(b["weak"], b["strong"])
+    assert np.array_equal(b["label"].numpy(), labels[b["id"].numpy()])
+
+
+def test_two_consumers_get_disjoint_halves_covering_the_epoch(ray_local, shards):
+    root, _ = shards
+    ds = build_dataset(root, "test", preset="digits", train=False, seed=0)
+    splits = ds.streaming_split(2, equal=True)  # what Ray Train does with datasets={"train": ds}
+    got: list[list[int]] = [[], []]
+
+    def consume(i):
+        got[i] = epoch_ids(splits[i], batch_size=32)[0]
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got[0]) == len(got[1]) == N // 2
+    assert not set(got[0]) & set(got[1]) and sorted(got[0] + got[1]) == list(range(N))
+
+
+def test_a_corrupt_image_is_dropped_and_counted(ray_local, corrupt_shards):
+    ids, corrupt, batches = epoch_ids(build_dataset(corrupt_shards, "train", preset="digits", batch_size=16))
+    assert sorted(ids) == [i for i in range(60) if i != CORRUPT] and corrupt == 1
+    assert all(b["weak"].shape[0] == b["id"].shape[0] for b in batches)
+
+
+def test_each_epoch_comes_in_a_new_order(ray_local, shards):
+    root, _ = shards
+    ds = build_dataset(root, "train", preset="digits", batch_size=32, seed=3)
+    first, second = (epoch_ids(ds, epoch=e)[0] for e in (0, 1))
+    assert sorted(first) == sorted(second) == list(range(N))
+    assert first != second
+    assert first != sorted(first)  # shuffled, not shard order
+
+
+def test_shared_ids_change_the_filter_between_epochs_without_rebuilding(ray_local, shards):
+    root, _ = shards
+    meta = SharedIds(np.arange(0, 100))
+    ds = build_dataset(root, "test", preset="digits", train=False, exclude_ids=meta)
+    assert sorted(epoch_ids(ds)[0]) == list(range(100, N))
+    meta.set(np.arange(100, N))
+    assert sorted(epoch_ids(ds)[0]) == list(range(100))
+
+
+def test_bad_arguments_name_the_field(ray_local, shards):
+    root, _ = shards
+    with pytest.raises(ValueError, match="shuffle='random'.*full"):
+        build_dataset(root, "train", preset="digits", shuffle="random")
+    with pytest.raises(ValueError, match="exclude_ids must be integer"):
+        build_dataset(root, "train", preset="digits", exclude_ids=np.array([0.5]))
+    with pytest.raises(ValueError, match="valid presets"):
+        build_dataset(root, "train", preset="digitz")
+    with pytest.raises(ValueError, match="no split 'val'"):
+        build_dataset(root, "val", preset="digits")

@@ -1,0 +1,260 @@
+"""The Ray Train pipeline end to end on a real local Ray runtime (2 CPUs, gloo) and a real SQLite MLflow store.
+
+Three fits share one runtime and one prepared dataset (scikit-learn digits made long-tailed with 30% noise):
+  * 2 workers, Dynamic Loss, 3 epochs, a failure injected at the start of epoch 2 (max_failures=1): finishes,
+    resumes from the epoch-1 checkpoint (no epoch lost or repeated in MLflow), logs params, metrics, plots,
+    the label report and the checkpoint; `dynloss evaluate` on that checkpoint reproduces eval/top1;
+  * the same job submitted twice through the CLI: the first attempt dies at epoch 1 (max_failures=0), the
+    resubmission continues from epoch 1 in the same MLflow run.
+Plus fast checks of the checkpoint format, the lr schedules, the shot thresholds and the console script.
+
+    .venv/bin/python -m pytest tests/test_train.py -q
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
+from dynloss.config import validate
+from dynloss.schedules import build_scheduler
+from pipelines.evaluate import shot_thresholds
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------------ fast, no Ray
+def test_checkpoint_round_trip_is_weights_only_and_complete(tmp_path):
+    from dynloss.dynamic import DynamicLoss
+    from dynloss.meta import build_meta_optimizer
+    from dynloss.models import build_model
+
+    def parts():
+        torch.manual_seed(0)
+        model = build_model("small_cnn", 3, in_chans=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = build_scheduler(opt, "onecycle", steps_per_epoch=4, epochs=2)
+        dyn = DynamicLoss(3, class_counts=[5, 3, 2], margin_prior="log_prior")
+        return model, opt, sched, dyn, build_meta_optimizer(dyn)
+
+    model, opt, sched, dyn, mopt = parts()
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step(), sched.step()
+    dyn.margins().sum().backward()
+    mopt.step()
+    save_state(str(tmp_path), model=model, optimizer=opt, scheduler=sched, epoch=3, iteration=17,
+               config={"name": "x"}, dyn=dyn, meta_optimizer=mopt, rank_table=torch.arange(5),
+               extra={"train_counts": [5, 3, 2]})
+    save_rng(str(tmp_path), 1)
+    expected = torch.rand(3)
+
+    state = load_state(str(tmp_path))  # torch.load(weights_only=True) inside
+    fresh = parts()
+    restore(state, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2], dyn=fresh[3], meta_optimizer=fresh[4])
+    for a, b in zip(model.state_dict().values(), fresh[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(dyn.state_dict().values(), fresh[3].state_dict().values()))
+    assert fresh[2].get_last_lr() == sched.get_last_lr() and fresh[1].state_dict()["state"].keys()
+    assert (state["epoch"], state["iteration"], state["rank_table"].tolist()) == (3, 17, [0, 1, 2, 3, 4])
+    assert state["extra"]["train_counts"] == [5, 3, 2]
+    assert json.load(open(tmp_path / "config.json")) == {"name": "x"}
+    assert load_rng(str(tmp_path), 1) and torch.equal(torch.rand(3), expected)  # RNG back where it was saved
+    assert not load_rng(str(tmp_path), 5)
+    with pytest.raises(ValueError, match="not a dynloss checkpoint"):
+        load_state(str(tmp_path / "nope"))
+
+
+def test_schedules_warm_up_decay_and_hold_past_the_end():
+    def lrs(schedule, **kw):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        s = build_scheduler(opt, schedule, steps_per_epoch=10, epochs=10, **kw)
+        out = []
+        for _ in range(110):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step(), s.step()
+        return out
+
+    cos = lrs("cosine", warmup_epochs=2)
+    assert cos[0] == pytest.approx(0.05) and cos[19] == pytest.approx(1.0) and cos[20] == pytest.approx(1.0)
+    assert cos[60] == pytest.approx(0.5) and cos[99] < 1e-3 and cos[105] == pytest.approx(0.0, abs=1e-9)
+    step = lrs("step", milestones=[3, 6], gamma=0.1)
+    assert step[29] == 1.0 and step[30] == pytest.approx(0.1) and step[60] == pytest.approx(0.01)
+    one = lrs("onecycle")
+    assert one[0] == pytest.approx(0.04) and max(one) == pytest.approx(1.0) and one[105] == one[99] < 1e-4
+
+
+def test_shot_thresholds_scale_to_the_dataset():
+    fmnist_lt = [6000, 3583, 2140, 1278, 763, 455, 272, 162, 97, 60]
+    many, few = shot_thresholds(fmnist_lt)
+    assert [c for c in fmnist_lt if c < few] == [162, 97, 60] and [c for c in fmnist_lt if c > many] == [6000, 3583, 2140]
+    assert shot_thresholds([1280, 400, 60, 15, 5]) == (100, 20)  # ImageNet-LT's own cut-offs when they fit
+    many, few = shot_thresholds([50] * 10)
+    assert not any(c > many or c < few for c in [50] * 10)  # balanced: every class is medium-shot
+
+
+def test_console_script_dispatches_and_lists_commands(capsys):
+    from pipelines.cli import main
+
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian' (did you mean 'train'?)" in err and all(c in err for c in ("prepare", "evaluate"))
+    assert main(["evaluate", "--checkpoint", "/nonexistent", "--data", "/nonexistent"]) == 2
+
+
+# --------------------------------------------------------------------------------------- on Ray
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from pipelines.ray_runtime import init_ray, shutdown_ray
+
+    init_ray(address="local", num_cpus=2)
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    from pipelines import prepare
+
+    out = str(tmp_path_factory.mktemp("data") / "digits_lt")
+    assert prepare.main(["digits", "--out", out, "--imbalance", "0.1", "--noise", "sym:0.3", "--workers", "1",
+                         "--no-progress"]) == 0
+    return out
+
+
+def base_config(data: str, tmp, name: str) -> dict:
+    return {
+        "name": name,
+        "data": {"path": data, "preset": "digits"},
+        "model": {"name": "small_cnn"},
+        "loss": {"name": "dynamic"},
+        "dynamic": {"warmup_epochs": 1, "margin_prior": "log_prior", "meta_batch_size": 32},
+        "optim": {"lr": 0.05, "schedule": "cosine", "warmup_epochs": 1},
+        "train": {"epochs": 3, "batch_size": 64, "seed": 0},
+        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5},
+        "run": {"storage_path": str(tmp / "runs"), "max_failures": 1, "mlflow_uri": f"sqlite:///{tmp}/mlflow.db"},
+    }
+
+
+def mlflow_client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def steps(client, run_id, key) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def dynamic_run(ray_local, digits, tmp_path_factory):
+    from pipelines.train import run
+
+    tmp = tmp_path_factory.mktemp("dynamic")
+    cfg = validate(base_config(digits, tmp, "dyn2"))
+    started = time.perf_counter()
+    result = run(cfg, fail_at_epoch=2)
+    seconds = time.perf_counter() - started
+    print(f"\n2-worker dynamic run: {seconds:.1f} s, final {result.metrics.get('time/images_per_s', 0):.0f} img/s")
+    return result, cfg, tmp
+
+
+@pytest.mark.ray
+def test_two_worker_dynamic_run_logs_to_mlflow(dynamic_run, digits):
+    result, cfg, tmp = dynamic_run
+    client = mlflow_client(cfg.run.mlflow_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "dyn2"
+    p = run.data.params
+    assert p["loss.name"] == "dynamic" and p["scaling.num_workers"] == "2" and p["optim.lr"] == "0.05"
+    for key in ("train/loss", "train/acc", "eval/top1", "eval/top5", "eval/many_shot", "eval/few_shot",
+                "data/corrupt", "time/epoch_s", "time/images_per_s"):
+        assert steps(client, result.run_id, key) == [0, 1, 2], key
+    for key in ("meta/loss", "meta/trust_clean", "meta/trust_noisy", "meta/auc"):  # after the 1 warm-up epoch
+        assert steps(client, result.run_id, key) == [1, 2], key
+    trust = run.data.metrics
+    assert 0 <= trust["meta/trust_noisy"] <= 1 and 0 <= trust["meta/auc"] <= 1 and trust["data/corrupt"] == 0
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"plots", "checkpoint", "label_report.parquet"} <= names
+    assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == {"plots/margins.png",
+                                                                               "plots/trust_curves.png"}
+    assert "checkpoint/state.pt" in {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
+
+
+@pytest.mark.ray
+def test_label_report_covers_every_training_sample(dynamic_run, digits):
+    from dynloss.data import read_split
+
+    result, _, _ = dynamic_run
+    report = pq.read_table(os.path.join(result.checkpoint, "label_report.parquet")).to_pandas()
+    shards = read_split(digits, "train", columns=["id", "label", "true_label"]).to_pandas()
+    assert report["id"].tolist() == shards["id"].tolist()
+    assert (report["label"].values == shards["label"].values).all()
+    assert (report["true_label"].values == shards["true_label"].values).all()
+    assert report["trust"].between(0, 1).all() and report["pred"].between(0, 9).all()
+
+
+@pytest.mark.ray
+def test_injected_failure_resumes_from_the_last_checkpoint(dynamic_run):
+    result, cfg, tmp = dynamic_run
+    assert os.path.exists(os.path.join(result.run_dir, ".injected_failure_epoch2"))  # the failure did happen
+    client = mlflow_client(cfg.run.mlflow_uri)
+    assert steps(client, result.run_id, "train/loss") == [0, 1, 2]  # nothing lost, nothing run twice
+    assert result.metrics["epoch"] == 2 and result.checkpoint.endswith("checkpoint_epoch0002")
+    state = load_state(result.checkpoint)
+    assert state["epoch"] == 2 and state["rank_table"].shape == (state["extra"]["train_counts"] and 591,)
+    assert sorted(os.listdir(result.checkpoint)) >= ["config.json", "label_report.parquet", "meta.json",
+                                                     "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+
+
+@pytest.mark.ray
+def test_evaluate_reproduces_the_final_top1(dynamic_run, digits, tmp_path):
+    from pipelines.evaluate import main
+
+    result, _, _ = dynamic_run
+    out = tmp_path / "eval.json"
+    assert main(["--checkpoint", result.checkpoint, "--data", digits, "--json", str(out)]) == 0
+    evaluated = json.loads(out.read_text())
+    assert evaluated["eval/images"] == result.metrics["eval/images"] == 355
+    assert evaluated["eval/top1"] == pytest.approx(result.metrics["eval/top1"], abs=1e-9)
+    assert evaluated["eval/top5"] == pytest.approx(result.metrics["eval/top5"], abs=1e-9)
+    assert len(evaluated["per_class"]) == 10
+
+
+@pytest.mark.ray
+def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monkeypatch):
+    from pipelines.train import main
+
+    raw = base_config(digits, tmp_path, "resubmit")
+    raw["loss"] = {"name": "ce"}
+    raw["train"]["epochs"] = 2
+    raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
+    raw["run"]["max_failures"] = 0
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("DYNLOSS_FAIL_AT_EPOCH", "1")
+    assert main(["--config", str(path)]) == 1  # dies at the start of epoch 1, after checkpointing epoch 0
+    client = mlflow_client(raw["run"]["mlflow_uri"])
+    marker = json.loads((tmp_path / "runs" / "resubmit" / "mlflow_run.json").read_text())
+    assert client.get_run(marker["run_id"]).info.status == "FAILED"
+    assert steps(client, marker["run_id"], "train/loss") == [0]
+
+    monkeypatch.delenv("DYNLOSS_FAIL_AT_EPOCH")
+    assert main(["--config", str(path), "--set", "train.eval_every=2"]) == 0  # the same job, submitted again
+    run = client.get_run(marker["run_id"])
+    assert run.info.status == "FINISHED"
+    assert steps(client, marker["run_id"], "train/loss") == [0, 1]  # epoch 0 was not trained again
+    assert run.data.tags.get("dynloss.changed_on_resume") == "train.eval_every"
+    assert math.isfinite(run.data.metrics["eval/top1"])
+    assert np.isnan(pq.read_table(tmp_path / "runs" / "resubmit" / "checkpoint_epoch0001" / "label_report.parquet")
+                    .column("trust").to_numpy()).all()  # a baseline has no corrector

@@ -139,6 +139,14 @@ class Dynamic(Section):
     finetune: bool = True
     meta_batch_size: int | None = Field(None, ge=1)  # global; None = train.batch_size
     rank_buckets: int = Field(100, ge=1)
+    rank_init: str = "smooth"  # the corrector's rank embedding: dynloss.dynamic.LabelCorrector.RANK_INITS
+
+    @field_validator("rank_init")
+    @classmethod
+    def _rank_init(cls, v: str) -> str:
+        from dynloss.dynamic import LabelCorrector
+
+        return _choices(v, getattr(LabelCorrector, "RANK_INITS", ("xavier",)), "rank_init")
 
 
 class Sampling(Section):

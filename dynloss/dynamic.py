@@ -41,14 +41,21 @@ def _mlp(inp: int, hidden: int, out: int, last_bias: float) -> nn.Sequential:
 class LabelCorrector(nn.Module):
     """Rank bucket -> per-class trust curve. ``trust(ranks, labels)`` is w = sigmoid(MLP(emb(r)))[y]."""
 
-    def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64):
+    RANK_INITS = ("smooth", "xavier")
+
+    def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64, rank_init: str = "smooth"):
         super().__init__()
         if num_classes < 2 or rank_buckets < 1 or hidden < 1:
             raise ValueError(f"LabelCorrector needs num_classes >= 2, rank_buckets >= 1, hidden >= 1; got "
                              f"{num_classes}, {rank_buckets}, {hidden}")
+        if rank_init not in self.RANK_INITS:
+            raise ValueError(f"rank_init must be one of {self.RANK_INITS}, got {rank_init!r}")
         self.num_classes, self.rank_buckets = num_classes, rank_buckets
         self.embedding = nn.Embedding(rank_buckets, hidden)
         nn.init.xavier_uniform_(self.embedding.weight)
+        if rank_init == "smooth":
+            with torch.no_grad():
+                self.embedding.weight.copy_(smooth_rank_codes(rank_buckets, hidden, self.embedding.weight.std()))
         self.mlp = _mlp(hidden, hidden, num_classes, TRUST_INIT_BIAS)
 
     def trust(self, ranks: Tensor, labels: Tensor) -> Tensor:
@@ -63,6 +70,19 @@ class LabelCorrector(nn.Module):
 
     def forward(self, ranks: Tensor, labels: Tensor) -> Tensor:
         return self.trust(ranks, labels)
+
+
+def smooth_rank_codes(buckets: int, dim: int, scale: Tensor | float) -> Tensor:
+    """Low-frequency cosine codes of the bucket position, rescaled to the Xavier spread.
+
+    With the authors' i.i.d. Xavier rows every bucket of every class learns on its own from the few
+    samples a batch puts in it; neighbouring buckets sharing a code lets the meta-gradient of the noisy
+    tail move the whole tail at once (DESIGN.md section 8: the trust never moved).
+    """
+    pos = (torch.arange(buckets, dtype=torch.float64) + 0.5) / buckets
+    freq = torch.arange(1, dim + 1, dtype=torch.float64) / 4  # periods from 4 down to 4/dim of the range
+    codes = torch.cos(torch.pi * pos[:, None] * freq[None, :])
+    return (codes / codes.std() * float(scale)).float()
 
 
 class MarginGenerator(nn.Module):
@@ -82,8 +102,9 @@ class MarginGenerator(nn.Module):
             raise ValueError(f"MarginGenerator log_prior must have shape ({num_classes},), got {tuple(prior.shape)}")
         self.register_buffer("log_prior", prior)
 
-    def forward(self) -> Tensor:
-        return self.mlp(self.code).squeeze(0) + self.log_prior
+    def forward(self, include_prior: bool = True) -> Tensor:
+        residual = self.mlp(self.code).squeeze(0)
+        return residual + self.log_prior if include_prior else residual
 
 
 @dataclass
@@ -104,7 +125,7 @@ class DynamicLoss(nn.Module):
     MIXES = ("gumbel", "softmax")
 
     def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64,
-                 class_counts=None, margin_prior: str = "none", prior_tau: float = 1.0):
+                 class_counts=None, margin_prior: str = "none", prior_tau: float = 1.0, rank_init: str = "smooth"):
         super().__init__()
         if margin_prior not in ("none", "log_prior"):
             raise ValueError(f"margin_prior must be 'none' or 'log_prior', got {margin_prior!r}")
@@ -117,7 +138,7 @@ class DynamicLoss(nn.Module):
                 raise ValueError(f"class_counts must be {num_classes} positive counts, got {counts.tolist()}")
             log_prior = (prior_tau * torch.log(counts / counts.sum())).float()
         self.num_classes = num_classes
-        self.corrector = LabelCorrector(num_classes, rank_buckets, hidden)
+        self.corrector = LabelCorrector(num_classes, rank_buckets, hidden, rank_init)
         self.margins = MarginGenerator(num_classes, hidden, log_prior)
 
     def pseudo_labels(self, logits: Tensor, mix: str = "gumbel") -> Tensor:

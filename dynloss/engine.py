@@ -120,7 +120,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
                           max_grad_norm=settings.max_grad_norm)
             if dyn is not None and iteration < settings.corrector_pretrain_iters:
                 rt = rank_table[b["id"]] if rank_table is not None else torch.zeros_like(y)
-                stats.add("meta/pretrain_loss", pretrain_corrector_step(dyn, meta_optimizer, y, rt, out["logits"]))
+                stats.add("meta/pretrain_loss", pretrain_corrector_step(dyn, meta_optimizer, y, rt, out["logits"],
+                                                                          meta_grad_hook))
         stats.add("train/loss", out["train/loss"])
         stats.add("train/acc", (out["logits"].argmax(1) == y).float(), len(y))
         if scheduler is not None:
@@ -133,10 +134,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
 
 def finetune_on_meta(model: nn.Module, optimizer: torch.optim.Optimizer, dyn: DynamicLoss,
                      batches: Iterable[Batch], max_grad_norm: float | None = None) -> dict[str, float]:
-    """After a meta epoch: one pass over the meta set with CE(z + m, y), m from the generator, no grad."""
+    """After a meta epoch: one pass over the meta set with CE(z + m, y), m from the generator, no grad.
+
+    The meta set is class-balanced already, so the log-prior part of the margins (``margin_prior``) is left
+    out here: adding it on balanced data would push the classifier towards the rare classes twice.
+    """
     device = _device_of(model)
     with torch.no_grad():
-        margins = dyn.margins()
+        margins = dyn.margins(include_prior=False)
     stats = EpochStats()
     model.train()
     for b in batches:

@@ -46,6 +46,7 @@ class LocalRun:
     meta_lr: float = 3e-3
     meta_batch_size: int = 128
     margin_prior: str = "log_prior"
+    rank_init: str = "smooth"
     ratio1: float = 0.5
     ratio2: float = 0.5
     criterion: str = "easy"
@@ -85,9 +86,17 @@ def _cycle(make: Callable[[], Iterator]) -> Iterator:
         yield from make()
 
 
+@dataclass
+class LocalResult:
+    history: list[dict[str, float]]   # per-epoch statistics, last = final
+    model: torch.nn.Module
+    dyn: DynamicLoss | None
+    test_pred: dict[str, np.ndarray]  # the final evaluation's predictions
+
+
 def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: int,
-                log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train ``run.loss`` on ``train``; evaluate on ``test`` every epoch; returns the per-epoch history."""
+                log: Callable[[str], None] = print) -> LocalResult:
+    """Train ``run.loss`` on ``train``; evaluate on ``test`` every epoch."""
     torch.manual_seed(run.seed)
     counts = np.bincount(train.label.numpy(), minlength=num_classes)
     model = build_model(run.model, num_classes, in_chans=preset.channels)
@@ -97,7 +106,7 @@ def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: i
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=run.lr, total_steps=steps)
     dyn = meta_opt = criterion = None
     if run.loss == "dynamic":
-        dyn = DynamicLoss(num_classes, class_counts=counts, margin_prior=run.margin_prior)
+        dyn = DynamicLoss(num_classes, class_counts=counts, margin_prior=run.margin_prior, rank_init=run.rank_init)
         meta_opt = build_meta_optimizer(dyn, run.meta_lr)
     else:
         extra = {"class_counts": counts.tolist()} if run.loss in COUNT_LOSSES else {}
@@ -137,7 +146,7 @@ def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: i
         history.append(stats)
         log(f"[{run.loss}] epoch {epoch + 1}/{run.epochs} " + " ".join(
             f"{k}={v:.4f}" for k, v in stats.items() if k not in ("epoch",)))
-    return history
+    return LocalResult(history, model, dyn, pred)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for loss in args.losses:
         run = LocalRun(loss=loss, epochs=args.epochs, seed=args.seed,
                        meta=MetaSettings(scope=args.scope, warmup_epochs=min(3, args.epochs - 1)))
-        results[loss] = train_local(run, train, test, preset, manifest["num_classes"])[-1]
+        results[loss] = train_local(run, train, test, preset, manifest["num_classes"]).history[-1]
     print(f"\n{'loss':<16}{'clean-test top-1':>18}{'time (s)':>10}")
     for loss, last in results.items():
         print(f"{loss:<16}{last['eval/top1']:>18.4f}{last['time/s']:>10.0f}")

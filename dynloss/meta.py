@@ -160,7 +160,8 @@ def ce_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, label
 
 
 def pretrain_corrector_step(dyn: DynamicLoss, meta_optimizer: torch.optim.Optimizer, labels: Tensor,
-                            ranks: Tensor, logits: Tensor) -> Tensor:
+                            ranks: Tensor, logits: Tensor,
+                            meta_grad_hook: Callable[[list[Tensor]], None] | None = None) -> Tensor:
     """Warm-up: train the corrector alone to reproduce the given label, ``-sum y log(y_hat + 1e-8)``.
 
     The authors run this for 2000 iterations; it drives the sigmoid into saturation (DESIGN.md section 8),
@@ -171,6 +172,8 @@ def pretrain_corrector_step(dyn: DynamicLoss, meta_optimizer: torch.optim.Optimi
     loss = -torch.log(target.gather(1, labels[:, None]) + 1e-8).mean()
     meta_optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=list(dyn.corrector.parameters()))
+    if meta_grad_hook is not None:  # DDP: keep phi identical on every worker
+        meta_grad_hook([p.grad for p in dyn.corrector.parameters()])
     meta_optimizer.step()
     return loss.detach()
 

@@ -98,19 +98,20 @@ def _exact_split_config():
     class ExactSplit(DataConfig):
         """``train`` split equally (DDP steps in lockstep; a few rows may be dropped per epoch); ``rank`` and
         ``eval`` split with ``equal=False`` so every row is seen exactly once (a ranking pass must rank every
-        sample, an evaluation must count every test image). Uses DataConfig's own helpers (Ray 2.5x/2.6x)."""
+        sample, an evaluation must count every test image); the rest is DataConfig.configure's own recipe."""
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             equal = {k: v for k, v in datasets.items() if k in EQUAL_SPLIT}
             out = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
-            hints = worker_node_ids if self._enable_shard_locality else None
+            hints = worker_node_ids if getattr(self, "_enable_shard_locality", True) else None
             for name, ds in datasets.items():
                 if name in EQUAL_SPLIT:
                     continue
                 if ds.name is None:
                     ds.set_name(name)
                 ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
+                resolve = getattr(self, "_resolve_execution_options", None)
+                ds.context.execution_options = resolve(name) if resolve else DataConfig.default_ingest_options()
                 for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                     out[i][name] = split
             return out

@@ -108,9 +108,10 @@ class Worker:
         self.dyn = self.meta_optimizer = self.criterion = None
         if cfg.is_dynamic:
             d = cfg.dynamic
-            self.dyn = DynamicLoss(self.num_classes, d.rank_buckets, margin_prior=d.margin_prior,
-                                   prior_tau=d.prior_tau,
-                                   class_counts=self.counts if d.margin_prior == "log_prior" else None).to(device)
+            # every DynamicLoss argument the dynamic section names (rank_buckets, margin_prior, rank_init, ...)
+            knobs = {k: getattr(d, k) for k in inspect.signature(DynamicLoss).parameters if k in type(d).model_fields}
+            self.dyn = DynamicLoss(self.num_classes, class_counts=self.counts if d.margin_prior == "log_prior" else None,
+                                   **knobs).to(device)
             self.meta_optimizer = build_meta_optimizer(self.dyn, d.meta_lr)
         else:
             params = dict(cfg.loss.params)

@@ -1,7 +1,8 @@
 """World-size equivalence of the DDP meta-learning step (dynloss/distributed.py), on real gloo processes.
 
 World size 1 with batch B and world size 2 with B/2 each (DDP-wrapped, the hooks the Ray loop passes) must
-give the same classifier (theta) and the same label corrector + margin generator (phi) after meta iterations:
+give the same classifier (theta) and the same label corrector + margin generator (phi) after a warm-up epoch
+with corrector pre-training and an epoch of meta iterations:
 a BN-free model and the softmax mix, so nothing random differs between the two runs.
 
     .venv/bin/python -m pytest tests/test_distributed.py -q
@@ -59,9 +60,14 @@ def _run(scope: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     meta = iter([{"x": x[N - M:][rank * lm:(rank + 1) * lm], "label": y[N - M:][rank * lm:(rank + 1) * lm]}
                  for _ in range(ITERS)])
     vhook, mhook = distributed.meta_hooks()
-    settings = MetaSettings(scope=scope, meta_interval=1, warmup_epochs=0, mix="softmax", max_grad_norm=5.0)
-    train_one_epoch(model, opt, batches, epoch=0, settings=settings, dyn=dyn, meta_optimizer=mopt,
-                    rank_table=ranks, meta_batches=meta, virtual_grad_hook=vhook, meta_grad_hook=mhook)
+    # epoch 0: CE warm-up through DDP + corrector pre-training; epoch 1: meta iterations
+    settings = MetaSettings(scope=scope, meta_interval=1, warmup_epochs=1, corrector_pretrain_iters=ITERS,
+                            mix="softmax", max_grad_norm=5.0)
+    it = 0
+    for epoch in (0, 1):
+        _, it = train_one_epoch(model, opt, batches, epoch=epoch, settings=settings, dyn=dyn, meta_optimizer=mopt,
+                                rank_table=ranks, meta_batches=meta, iteration=it, virtual_grad_hook=vhook,
+                                meta_grad_hook=mhook)
     inner = model.module if world > 1 else model
     return {**{f"theta.{k}": v.detach().clone() for k, v in inner.state_dict().items()},
             **{f"phi.{k}": v.detach().clone() for k, v in dyn.state_dict().items()}}

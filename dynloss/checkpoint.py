@@ -3,14 +3,17 @@
 Layout of a checkpoint directory (what the Ray Train loop reports every epoch):
   state.pt          theta (model), phi (DynamicLoss), both optimizers, the lr scheduler, epoch, global
                     iteration, the rank table (rank bucket per training id), and the training-loss state
+                    (it also holds the resolved config and ``extra``: train class counts, class names, preset)
   rng-rank{r}.pt    each worker's RNG states (python, numpy, torch CPU, CUDA), restored by the same rank
-  (state.pt also holds the resolved config and ``extra``: train class counts, class names, preset, mode)
   config.json       the resolved config (dynloss.config.Config.resolved()), human-readable
   meta.json         epoch, iteration, metrics of that epoch (for people and scripts; not read back)
+  per_class.json    per-class test accuracy of the epoch's evaluation      (written by pipelines.train)
+  label_report.parquet  id, given/predicted/true label, trust w (last epoch; written by pipelines.train)
 Everything is plain tensors / numbers / strings, so ``torch.load(..., weights_only=True)`` reads it: a
 checkpoint from elsewhere cannot run code on load.
 
-    python -c "from dynloss.checkpoint import load_state; s = load_state('runs/NAME/checkpoint_XXX'); print(s['epoch'])"
+    python -c "from dynloss.checkpoint import load_state; \
+s = load_state('runs/digits-dynamic/checkpoint_epoch0019'); print(s['epoch'], s['extra'])"
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def save_state(directory: str, *, model: nn.Module, optimizer: torch.optim.Optim
         "dyn": dyn.state_dict() if dyn is not None else None,
         "meta_optimizer": meta_optimizer.state_dict() if meta_optimizer is not None else None,
         "rank_table": rank_table.detach().cpu() if rank_table is not None else None,
-        "criterion": {"epoch": getattr(criterion, "epoch", 0), "total_epochs": getattr(criterion, "total_epochs", None)},
+        "criterion": {"epoch": getattr(criterion, "epoch", 0),
+                      "total_epochs": getattr(criterion, "total_epochs", None)},
         "config": config,
         "extra": extra or {},
     }
@@ -77,7 +81,7 @@ def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict
     path = os.path.join(directory, STATE)
     if not os.path.isfile(path):
         raise ValueError(f"{directory}: not a dynloss checkpoint (no {STATE}); pass a checkpoint directory such as "
-                         "runs/NAME/checkpoint_2025-01-01_00-00-00.000000")
+                         "runs/NAME/checkpoint_epoch0009")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")

@@ -299,8 +299,7 @@ def _message(err: dict, loc: list) -> str:
         return _SIMPLE[kind].format(**ctx)
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')} (got {err.get('input')!r})"
-    msg = err["msg"]
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return err["msg"].removeprefix("Value error, ")
 
 
 def format_errors(exc: ValidationError) -> list[str]:
@@ -383,7 +382,8 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
                       f"(valid: {', '.join(splits)})")
     counts = list(splits.get("train", {}).get("counts") or [])
     num_classes = int(manifest.get("num_classes", len(counts)))
-    needs_counts = (cfg.is_dynamic and cfg.dynamic.margin_prior == "log_prior") or _loss_class_counts_param(cfg.loss.name)
+    prior = cfg.is_dynamic and cfg.dynamic.margin_prior == "log_prior"
+    needs_counts = prior or _loss_class_counts_param(cfg.loss.name)
     if needs_counts and (len(counts) != num_classes or any(c <= 0 for c in counts)):
         errors.append(f"loss.name: {cfg.loss.name!r} needs every class in the train split, but the manifest's "
                       f"train counts are {counts}")

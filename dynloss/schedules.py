@@ -1,10 +1,10 @@
 """Per-iteration learning-rate schedules: cosine with linear warm-up, step, one-cycle.
 
 Sources: the Dynamic Loss authors' CIFAR recipe (DESIGN.md section 3: cosine with a 5-epoch linear warm-up),
-step decay at milestone epochs (the usual Animal-10N / WebVision recipes) and Smith & Topin 2019 (one-cycle, torch's OneCycleLR,
-used by DESIGN.md section 8's Fashion-MNIST calibration). All three step once per training iteration, so a
-schedule is the same whatever the number of workers; ``total_steps`` is an upper bound of the iterations
-(Ray Data's equal split can drop a few rows), and stepping past it holds the last learning rate.
+step decay at milestone epochs (the usual Animal-10N / WebVision recipes) and Smith & Topin 2019 (one-cycle,
+torch's OneCycleLR, used by DESIGN.md section 8's Fashion-MNIST calibration). All three step once per
+training iteration, so a schedule is the same whatever the number of workers; ``total_steps`` is an upper
+bound of the iterations (Ray Data's equal split can drop a few rows), and stepping past it holds the last lr.
 
     python -c "import torch; from dynloss.schedules import build_scheduler; \
 o = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1); \
@@ -37,7 +37,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, *, steps_pe
         raise ValueError(f"optim.schedule: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     steps_per_epoch = max(1, int(steps_per_epoch))
     total = max(1, steps_per_epoch * int(epochs))
-    warm = int(round(warmup_epochs * steps_per_epoch))
+    warm = round(warmup_epochs * steps_per_epoch)
     if schedule == "onecycle":
         lrs = [g["lr"] for g in optimizer.param_groups]
         # the momentum stays as configured (torch's default would cycle it between 0.85 and 0.95)

@@ -2,9 +2,9 @@
 
     dynloss prepare digits --out data/digits
     dynloss train --config pipelines/configs/digits.yaml --set train.epochs=3
-    dynloss tune --config pipelines/configs/fashion_mnist_lt.yaml --space tune_spaces/metadata.yaml
-    dynloss evaluate --checkpoint runs/digits/checkpoint_epoch0007 --data data/digits_lt_noisy
-    dynloss benchmark ingest --data data/digits
+    dynloss tune --config pipelines/configs/fashion_mnist_lt.yaml --space tune_spaces/NAME.yaml
+    dynloss evaluate --checkpoint runs/digits-dynamic/checkpoint_epoch0019 --data data/digits_lt01_sym03
+    dynloss benchmark ingest --data data/digits --split train --preset digits
 
 Each subcommand is also ``python -m pipelines.SUB`` (what ``ray job submit`` runs). An unknown subcommand
 prints the list and exits with status 2.

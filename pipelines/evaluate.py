@@ -1,6 +1,6 @@
 """Evaluate a training checkpoint on a prepared split: top-1/top-5, per-class and many/medium/few-shot accuracy.
 
-    python -m pipelines.evaluate --checkpoint runs/digits/checkpoint_epoch0004 --data data/digits
+    python -m pipelines.evaluate --checkpoint runs/digits-dynamic/checkpoint_epoch0019 --data data/digits_lt01_sym03
     dynloss evaluate --checkpoint PATH --data DIR [--split test] [--batch-size 256] [--json OUT.json]
 
 The same numbers as the training loop's ``eval/*`` metrics (``eval_metrics`` is shared): the model, the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -114,11 +115,12 @@ def build_eval_model(cfg, extra: Mapping, manifest: Mapping):
 
 
 def format_report(result: Mapping) -> str:
-    lines = [f"epoch {result['epoch']}: top-1 {result['eval/top1']:.2%}  top-5 {result['eval/top5']:.2%}  "
-             f"many {result['eval/many_shot']:.2%}  medium {result['eval/medium_shot']:.2%}  "
-             f"few {result['eval/few_shot']:.2%}  ({int(result['eval/images'])} images)"]
+    head = (f"epoch {result['epoch']}: top-1 {result['eval/top1']:.2%}  top-5 {result['eval/top5']:.2%}  "
+            f"many {result['eval/many_shot']:.2%}  medium {result['eval/medium_shot']:.2%}  "
+            f"few {result['eval/few_shot']:.2%}  ({int(result['eval/images'])} images)")
+    lines = [head]
     for name, acc in zip(result["classes"], result["per_class"]):
-        lines.append(f"  {name:>20}  {acc:.2%}" if acc == acc else f"  {name:>20}  -")
+        lines.append(f"  {name:>20}  -" if math.isnan(acc) else f"  {name:>20}  {acc:.2%}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -50,9 +51,11 @@ def experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.create_experiment(name, artifact_location=_artifact_root(uri))
-    except Exception:  # created meanwhile by a concurrent job
+    except MlflowException:  # created meanwhile by a concurrent job
         return client.get_experiment_by_name(name).experiment_id
 
 
@@ -74,6 +77,8 @@ def _read_marker(run_dir: str) -> dict | None:
 def start_run(uri: str, experiment: str, run_name: str, run_dir: str, params: Mapping,
               tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """(run id, resumed): reopen the job's MLflow run if ``run_dir`` names one in this store, else create it."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(uri)
     marker = _read_marker(run_dir)
     if marker and marker.get("tracking_uri") == uri:
@@ -82,8 +87,9 @@ def start_run(uri: str, experiment: str, run_name: str, run_dir: str, params: Ma
             client.update_run(run.info.run_id, status="RUNNING")
             _log_params(client, run.info.run_id, params, existing=run.data.params)
             return run.info.run_id, True
-        except Exception:  # deleted meanwhile: start a new one
-            pass
+        except MlflowException as e:  # deleted from the store meanwhile
+            print(f"MLflow run {marker['run_id']} of {run_dir} is gone ({e.error_code}); starting a new run",
+                  file=sys.stderr)
     run = client.create_run(experiment_id(client, experiment, uri), run_name=run_name, tags=dict(tags or {}))
     _log_params(client, run.info.run_id, params, existing={})
     fs, path = _marker_path(run_dir)

@@ -20,6 +20,10 @@ warm-up) -> train_one_epoch with the DDP meta hooks -> fine-tune on the meta set
 ``train.eval_every`` epochs (top-1/5, many/medium/few-shot, trust of clean vs noisy labels) -> a checkpoint
 directory reported with the metrics by every worker -> rank 0 logs to MLflow and prints a progress line.
 
+Under ``ray job submit`` the job runs in a temporary copy of the working directory: give ``data.path``,
+``run.storage_path`` absolute paths or URIs every node can reach (NFS, s3://, gs://) and ``--mlflow-uri`` a
+tracking server, or the shards, checkpoints and the SQLite store end up in that temporary copy.
+
 Resume: ``run.max_failures`` restarts a failed run from its last checkpoint; running the same command again
 (same ``run.name`` and ``run.storage_path``) continues from the last checkpoint of that run, in the same
 MLflow run. ``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import math
 import os
 import random
@@ -36,7 +37,7 @@ from dynloss import distributed
 from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
 from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
-from dynloss.data.batches import SHARD_COLUMNS, batch_seed, resolve_preset, views_from_rows
+from dynloss.data.batches import SHARD_COLUMNS, resolve_preset, views_from_rows
 from dynloss.data.decode import mode_from_manifest
 from dynloss.data.transforms import preset_for_source
 from dynloss.dynamic import DynamicLoss
@@ -50,6 +51,8 @@ from dynloss.schedules import build_scheduler
 from pipelines.evaluate import eval_metrics, prediction_arrays
 
 LABEL_REPORT = "label_report.parquet"
+PER_CLASS = "per_class.json"
+PER_CLASS_METRICS = 20  # classes up to which per-class accuracy is also an MLflow metric (eval/class/<index>)
 
 
 def read_rows_by_id(root: str, split: str, ids: np.ndarray) -> pa.Table:
@@ -90,7 +93,6 @@ class Worker:
                              "use auto or off")
         self.channels_last = cuda and cfg.train.channels_last != "off"
         self.local_batch = cfg.train.batch_size // world
-        self.local_meta = cfg.meta_batch_size // world
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
         model = build_model(cfg.model.name, self.num_classes, in_chans=self.preset.channels,
@@ -110,8 +112,8 @@ class Worker:
             d = cfg.dynamic
             # every DynamicLoss argument the dynamic section names (rank_buckets, margin_prior, rank_init, ...)
             knobs = {k: getattr(d, k) for k in inspect.signature(DynamicLoss).parameters if k in type(d).model_fields}
-            self.dyn = DynamicLoss(self.num_classes, class_counts=self.counts if d.margin_prior == "log_prior" else None,
-                                   **knobs).to(device)
+            counts = self.counts if d.margin_prior == "log_prior" else None
+            self.dyn = DynamicLoss(self.num_classes, class_counts=counts, **knobs).to(device)
             self.meta_optimizer = build_meta_optimizer(self.dyn, d.meta_lr)
         else:
             params = dict(cfg.loss.params)
@@ -139,6 +141,7 @@ class Worker:
         self.clean_meta = read_split(cfg.sampling.clean_meta, "train", columns=list(SHARD_COLUMNS)) \
             if cfg.sampling.clean_meta else None
         self.corpus: dict[str, np.ndarray] | None = None  # last ranking pass, gathered, by id
+        self.per_class: np.ndarray | None = None  # last evaluation's per-class accuracy
 
     # ------------------------------------------------------------------------------------------ batches
     def autocast(self):
@@ -212,14 +215,16 @@ class Worker:
         if size < w:
             raise ValueError(f"the meta set has {n} rows, fewer than the {w} workers; raise sampling.ratio1 / "
                              "sampling.per_class")
-        m, rng, start = size // w, np.random.default_rng(_seed(self.cfg.train.seed, 5, epoch)), 0
-        while True:
+        m, rng = size // w, np.random.default_rng(_seed(self.cfg.train.seed, 5, epoch))
+        for rounds in itertools.count():
             order = rng.permutation(n)
             for start in range(0, n - size + 1, size):
                 part = rows.take(pa.array(order[start + self.rank * m:start + (self.rank + 1) * m]))
-                v = views_from_rows(part, self.preset, True, seed=_seed(self.cfg.train.seed, 6, epoch, start))
+                seed = _seed(self.cfg.train.seed, 6, epoch, rounds, start, self.rank)
+                v = views_from_rows(part, self.preset, True, seed=seed)
                 if len(v["label"]):
-                    yield {"x": self._x(torch.from_numpy(v["strong"])), "label": torch.from_numpy(v["label"]).to(self.device)}
+                    yield {"x": self._x(torch.from_numpy(v["strong"])),
+                           "label": torch.from_numpy(v["label"]).to(self.device)}
 
     def finetune_batches(self, rows: pa.Table, epoch: int) -> Iterator[dict]:
         """One pass over the meta rows in global batches of train.batch_size, this worker's part of each."""
@@ -230,7 +235,7 @@ class Worker:
             if len(chunk) < 2 * w:  # batch norm needs two samples per worker; every worker drops the same tail
                 break
             part = rows.take(pa.array(np.array_split(chunk, w)[self.rank]))
-            v = views_from_rows(part, self.preset, True, seed=_seed(self.cfg.train.seed, 8, epoch, start))
+            v = views_from_rows(part, self.preset, True, seed=_seed(self.cfg.train.seed, 8, epoch, start, self.rank))
             yield {"x": self._x(torch.from_numpy(v[view])), "label": torch.from_numpy(v["label"]).to(self.device)}
 
     # ------------------------------------------------------------------------------------------- epoch
@@ -282,8 +287,10 @@ class Worker:
             with self.autocast():
                 local = prediction_arrays(predict(self.inner, itertools.chain([first], batches)))
         full = distributed.all_gather_arrays(local)
-        metrics, _ = eval_metrics(full["pred"], full["label"], full["top5_hit"], self.counts,
-                                  self.cfg.train.shot_thresholds)
+        metrics, self.per_class = eval_metrics(full["pred"], full["label"], full["top5_hit"], self.counts,
+                                               self.cfg.train.shot_thresholds)
+        if self.num_classes <= PER_CLASS_METRICS:  # beyond that: per_class.json in the checkpoint only
+            metrics.update({f"eval/class/{c}": float(a) for c, a in enumerate(self.per_class)})
         return metrics
 
     def trust(self) -> np.ndarray | None:
@@ -321,6 +328,11 @@ class Worker:
                                                "preset": self.preset_name, "mode": self.mode})
             if report is not None:
                 pq.write_table(report, os.path.join(directory, LABEL_REPORT))
+            if self.per_class is not None:
+                names = list(self.manifest.get("classes") or range(self.num_classes))
+                with open(os.path.join(directory, PER_CLASS), "w") as f:
+                    json.dump({"classes": [str(n) for n in names], "train_counts": self.counts,
+                               "accuracy": [None if np.isnan(a) else float(a) for a in self.per_class]}, f)
         save_rng(directory, self.rank)
 
     def plot_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -80,7 +80,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         result = {scope: _run(scope, rank, world) for scope in ("full", "head")}
         # variable-length gather, as the ranking pass uses it: rank r contributes r + 2 rows
-        local = {"id": np.arange(rank + 2, dtype=np.int64) + 10 * rank, "loss": np.full(rank + 2, 0.5 + rank, np.float32)}
+        local = {"id": np.arange(rank + 2, dtype=np.int64) + 10 * rank,
+                 "loss": np.full(rank + 2, 0.5 + rank, np.float32)}
         result["gathered"] = {k: torch.as_tensor(v) for k, v in distributed.all_gather_arrays(local).items()}
         result["mean"] = torch.tensor(distributed.all_reduce_mean({"a": float(rank)})["a"])
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -116,7 +117,7 @@ def test_world_size_2_with_half_batches_equals_world_size_1(two_workers, scope):
 def test_without_the_virtual_hook_the_workers_would_disagree():
     # the equivalence above is not vacuous: a local virtual step on half the batch gives another theta'
     x, y, ranks = _data()
-    model, dyn, opt, mopt = _build("full")
+    model, dyn, _, _ = _build("full")
     full = torch.autograd.grad(dyn(model(x[:B]), y[:B], ranks[:B], mix="softmax").loss, list(model.parameters()))
     half = torch.autograd.grad(dyn(model(x[:B // 2]), y[:B // 2], ranks[:B // 2], mix="softmax").loss,
                                list(model.parameters()))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +69,7 @@ def test_checkpoint_round_trip_is_weights_only_and_complete(tmp_path):
     assert fresh[2].get_last_lr() == sched.get_last_lr() and fresh[1].state_dict()["state"].keys()
     assert (state["epoch"], state["iteration"], state["rank_table"].tolist()) == (3, 17, [0, 1, 2, 3, 4])
     assert state["extra"]["train_counts"] == [5, 3, 2]
-    assert json.load(open(tmp_path / "config.json")) == {"name": "x"}
+    assert json.loads((tmp_path / "config.json").read_text()) == {"name": "x"}
     assert load_rng(str(tmp_path), 1) and torch.equal(torch.rand(3), expected)  # RNG back where it was saved
     assert not load_rng(str(tmp_path), 5)
     with pytest.raises(ValueError, match="not a dynloss checkpoint"):
@@ -97,7 +98,8 @@ def test_schedules_warm_up_decay_and_hold_past_the_end():
 def test_shot_thresholds_scale_to_the_dataset():
     fmnist_lt = [6000, 3583, 2140, 1278, 763, 455, 272, 162, 97, 60]
     many, few = shot_thresholds(fmnist_lt)
-    assert [c for c in fmnist_lt if c < few] == [162, 97, 60] and [c for c in fmnist_lt if c > many] == [6000, 3583, 2140]
+    assert [c for c in fmnist_lt if c < few] == [162, 97, 60]
+    assert [c for c in fmnist_lt if c > many] == [6000, 3583, 2140]
     assert shot_thresholds([1280, 400, 60, 15, 5]) == (100, 20)  # ImageNet-LT's own cut-offs when they fit
     many, few = shot_thresholds([50] * 10)
     assert not any(c > many or c < few for c in [50] * 10)  # balanced: every class is medium-shot
@@ -181,15 +183,15 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_two_worker_dynamic_run_logs_to_mlflow(dynamic_run, digits):
-    result, cfg, tmp = dynamic_run
+def test_two_worker_dynamic_run_logs_to_mlflow(dynamic_run):
+    result, cfg, _ = dynamic_run
     client = mlflow_client(cfg.run.mlflow_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "dyn2"
     p = run.data.params
     assert p["loss.name"] == "dynamic" and p["scaling.num_workers"] == "2" and p["optim.lr"] == "0.05"
     for key in ("train/loss", "train/acc", "eval/top1", "eval/top5", "eval/many_shot", "eval/few_shot",
-                "data/corrupt", "time/epoch_s", "time/images_per_s"):
+                "eval/class/9", "data/corrupt", "time/epoch_s", "time/images_per_s"):
         assert steps(client, result.run_id, key) == [0, 1], key
     for key in ("meta/loss", "meta/trust_clean", "meta/trust_noisy", "meta/auc"):  # after the 1 warm-up epoch
         assert steps(client, result.run_id, key) == [1], key
@@ -220,15 +222,15 @@ def test_label_report_covers_every_training_sample(dynamic_run, digits):
 
 @pytest.mark.ray
 def test_injected_failure_resumes_from_the_last_checkpoint(dynamic_run):
-    result, cfg, tmp = dynamic_run
+    result, cfg, _ = dynamic_run
     assert os.path.exists(os.path.join(result.run_dir, ".injected_failure_epoch1"))  # the failure did happen
     client = mlflow_client(cfg.run.mlflow_uri)
     assert steps(client, result.run_id, "train/loss") == [0, 1]  # nothing lost, nothing run twice
     assert result.metrics["epoch"] == 1 and result.checkpoint.endswith("checkpoint_epoch0001")
     state = load_state(result.checkpoint)
     assert state["epoch"] == 1 and state["rank_table"].shape == (sum(state["extra"]["train_counts"]),)
-    assert sorted(os.listdir(result.checkpoint)) >= ["config.json", "label_report.parquet", "meta.json",
-                                                     "rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    assert {"config.json", "label_report.parquet", "meta.json", "per_class.json", "rng-rank0.pt", "rng-rank1.pt",
+            "state.pt"} <= set(os.listdir(result.checkpoint))
 
 
 @pytest.mark.ray
@@ -242,7 +244,9 @@ def test_evaluate_reproduces_the_final_top1(dynamic_run, digits, tmp_path):
     assert evaluated["eval/images"] == result.metrics["eval/images"] == 355
     assert evaluated["eval/top1"] == pytest.approx(result.metrics["eval/top1"], abs=1e-9)
     assert evaluated["eval/top5"] == pytest.approx(result.metrics["eval/top5"], abs=1e-9)
-    assert len(evaluated["per_class"]) == 10
+    saved = json.loads(Path(result.checkpoint, "per_class.json").read_text())
+    assert [None if math.isnan(a) else a for a in evaluated["per_class"]] == saved["accuracy"]
+    assert len(saved["classes"]) == 10
 
 
 @pytest.mark.ray

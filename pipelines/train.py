@@ -270,7 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, value parsed as YAML (repeatable): --set optim.lr=0.05")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: run.mlflow_uri, sqlite:///mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local `ray start`, or embedded)")
+    p.add_argument("--compare", nargs="+", metavar="LOSS",
+                   help="train the config once per loss (run.name gets the loss appended) and print the final "
+                        "clean-test metrics side by side: --compare ce dynamic")
     return p
+
+
+COMPARE_COLUMNS = (("eval/top1", "top-1"), ("eval/top5", "top-5"), ("eval/many_shot", "many"),
+                   ("eval/medium_shot", "medium"), ("eval/few_shot", "few"), ("meta/trust_clean", "trust clean"),
+                   ("meta/trust_noisy", "trust noisy"))
+
+
+def compare_table(rows: dict[str, dict], seconds: dict[str, float]) -> str:
+    """The side-by-side summary ``--compare`` prints (clean-test metrics of each loss's final epoch)."""
+    cols = [(k, label) for k, label in COMPARE_COLUMNS if any(k in m for m in rows.values())]
+    head = f"{'loss':<16}" + "".join(f"{label:>13}" for _, label in cols) + f"{'time (s)':>10}"
+    lines = [head, "-" * len(head)]
+    for loss, m in rows.items():
+        cells = "".join(f"{m[k]:>13.4f}" if k in m and m[k] == m[k] else f"{'-':>13}" for k, _ in cols)
+        lines.append(f"{loss:<16}{cells}{seconds[loss]:>10.0f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     fail_at = os.environ.get(FAIL_ENV)
     try:
         cfg = load_config(args.config, overrides)
+        # every variant is validated before anything starts
+        configs = {loss: load_config(args.config, overrides + [f"loss.name={loss}", f"run.name={cfg.run.name}-{loss}"])
+                   for loss in args.compare} if args.compare else {cfg.loss.name: cfg}
     except ConfigError as e:
         print(f"train: invalid config {e}", file=sys.stderr)
         return 2
@@ -287,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.ray_runtime import shutdown_ray
 
     owns_ray = not ray.is_initialized()
+    results, seconds = {}, {}
     try:
-        result = run(cfg, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None)
+        for loss, c in configs.items():
+            t0 = time.perf_counter()
+            results[loss] = run(c, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None)
+            seconds[loss] = time.perf_counter() - t0
     except ConfigError as e:  # found once the dataset is prepared (loss parameters, splits)
         print(f"train: invalid config {e}", file=sys.stderr)
         return 2
@@ -298,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if owns_ray:
             shutdown_ray()
-    return 0 if result.checkpoint else 1
+    if args.compare:
+        print(f"\nclean-test results ({args.config}, MLflow: {cfg.run.mlflow_uri})")
+        print(compare_table({k: r.metrics for k, r in results.items()}, seconds), flush=True)
+    return 0 if all(r.checkpoint for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -129,3 +129,11 @@ def test_a_bad_config_fails_before_ray_starts(tmp_path, capsys):
     for key in ("loss.name:", "optim.lr:", "data.path:", "model.nmae:"):
         assert key in err, err
     assert "4 errors" in err and not ray.is_initialized()
+
+
+def test_cluster_runtime_env_is_a_valid_ray_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    with open(Path(__file__).resolve().parents[1] / "cluster" / "runtime_env.yaml") as f:
+        env = RuntimeEnv(**yaml.safe_load(f))
+    assert env["working_dir"] == "." and "data/" in env["excludes"] and ".venv/" in env["excludes"]

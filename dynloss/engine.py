@@ -122,13 +122,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
                 rt = rank_table[b["id"]] if rank_table is not None else torch.zeros_like(y)
                 stats.add("meta/pretrain_loss", pretrain_corrector_step(dyn, meta_optimizer, y, rt, out["logits"],
                                                                           meta_grad_hook))
+                if iteration + 1 == settings.corrector_pretrain_iters:
+                    # stale second moments from pre-training would dwarf the meta-gradients that follow
+                    meta_optimizer.state.clear()
         stats.add("train/loss", out["train/loss"])
         stats.add("train/acc", (out["logits"].argmax(1) == y).float(), len(y))
         if scheduler is not None:
             scheduler.step()
         iteration += 1
-    if dyn is not None and iteration == settings.corrector_pretrain_iters and meta_optimizer is not None:
-        meta_optimizer.state.clear()  # stale second moments from pre-training would freeze the meta updates
     return stats.summary(), iteration
 
 

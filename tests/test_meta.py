@@ -185,3 +185,21 @@ def test_bad_scope_is_rejected():
     with pytest.raises(ValueError, match="scope"):
         meta_step(model, dyn, torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.Adam(dyn.parameters()),
                   x, y, r, MetaBatch(x, y), scope="middle")
+
+
+def test_corrector_pretraining_raises_trust_then_leaves_the_meta_optimizer_fresh():
+    model = tiny_model()
+    dyn = DynamicLoss(C).double()
+    meta_opt = torch.optim.Adam(dyn.parameters(), lr=1e-2)
+    batches = [dict(zip(("x", "label"), toy_batch(seed=s)[:2]), id=torch.arange(16)) for s in range(5)]
+    ranks = torch.zeros(16, dtype=torch.long)
+    before = dyn.corrector.trust(ranks, batches[0]["label"]).mean().item()
+    stats, _ = train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), batches[:2], epoch=0, dyn=dyn,
+                               meta_optimizer=meta_opt, rank_table=ranks,
+                               settings=MetaSettings(warmup_epochs=2, corrector_pretrain_iters=3))
+    assert "meta/pretrain_loss" in stats and len(meta_opt.state) > 0  # still pre-training: moments kept
+    train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), batches[2:], epoch=1, dyn=dyn,
+                    meta_optimizer=meta_opt, rank_table=ranks, iteration=2,
+                    settings=MetaSettings(warmup_epochs=2, corrector_pretrain_iters=3))
+    assert dyn.corrector.trust(ranks, batches[0]["label"]).mean().item() > before
+    assert len(meta_opt.state) == 0  # reset right after the last pre-training step (iteration 2), mid-epoch

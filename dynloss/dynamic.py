@@ -1,11 +1,13 @@
 """Dynamic Loss: a meta-learned label corrector and margin generator.
 
 Source: "Dynamic Loss For Robust Learning" (Jiang et al., TPAMI 2023) and the authors' released code;
-DESIGN.md section 3 writes out what that code does. Two deliberate, documented additions:
+DESIGN.md section 3 writes out what that code does. Deliberate, documented additions:
 
 * ``margin_prior="log_prior"`` adds ``tau * log(class prior)`` to the generated margins (logit adjustment,
   Menon et al. 2021) so the generator starts where logit adjustment is and meta-learns a residual; DESIGN.md
   section 8 saw the plain generator learn the opposite sign. ``margin_prior="none"`` is the authors' version.
+* ``rank_init="smooth"`` starts the rank embedding as low-frequency cosine codes of the bucket position
+  (``"xavier"`` is the authors' i.i.d. init), so the meta-gradient of the noisy tail moves its neighbours too.
 * ``LabelCorrector.trust`` is exposed on its own so the pipelines can log mean trust of clean vs noisy
   samples every epoch (the straightforward reading never moved it off 1.0).
 

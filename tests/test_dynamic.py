@@ -79,3 +79,17 @@ def test_bad_arguments_are_named(kwargs, match):
         DynamicLoss(3, **kwargs)
     with pytest.raises(ValueError, match="mix"):
         DynamicLoss(3).pseudo_labels(torch.zeros(2, 3), "hard")
+
+
+def test_smooth_rank_codes_make_neighbouring_buckets_alike():
+    torch.manual_seed(0)
+    smooth = LabelCorrector(5, rank_init="smooth").embedding.weight.detach()
+    xavier = LabelCorrector(5, rank_init="xavier").embedding.weight.detach()
+
+    def neighbour_cosine(e):
+        return float(F.cosine_similarity(e[:-1], e[1:], dim=1).mean())
+
+    assert neighbour_cosine(smooth) > 0.9 > 0.3 > neighbour_cosine(xavier)
+    assert float(smooth.std()) == pytest.approx(float(xavier.std()), rel=0.2)  # same spread as the authors' init
+    with pytest.raises(ValueError, match="rank_init"):
+        LabelCorrector(5, rank_init="sorted")

@@ -17,9 +17,9 @@ import sys
 COMMANDS: dict[str, str] = {
     "prepare": "turn a dataset source into parquet shards + manifest",
     "train": "train with the Dynamic Loss or a robust loss on Ray Train (DDP, checkpoints, MLflow)",
-    "tune": "Ray Tune sweep over metadata size / sampling settings, every trial in MLflow",
+    "tune": "Ray Tune sweep over metadata size / sampling settings (not built yet: DESIGN.md section 5)",
     "evaluate": "top-1/top-5, per-class and many/medium/few-shot accuracy of a checkpoint",
-    "benchmark": "step / ingest / scaling throughput benchmarks",
+    "benchmark": "throughput benchmarks (ingest; step and scaling not built yet)",
 }
 
 

@@ -50,7 +50,8 @@ class LocalRun:
     ratio1: float = 0.5
     ratio2: float = 0.5
     criterion: str = "easy"
-    view: str = "weak"
+    view: str = "weak"         # training stream
+    meta_view: str = "strong"  # meta batches and the fine-tune pass (the authors' choice)
     seed: int = 0
 
 
@@ -125,7 +126,7 @@ def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: i
             if epoch >= run.meta.warmup_epochs:
                 meta_ids = torch.from_numpy(ranked["id"][hierarchical_sample(
                     ranked["label"], ranked["loss"], run.ratio1, run.ratio2, run.criterion, seed=run.seed + epoch)])
-                meta_batches = _cycle(lambda: train.batches(meta_ids, run.meta_batch_size, preset, "strong"))
+                meta_batches = _cycle(lambda: train.batches(meta_ids, run.meta_batch_size, preset, run.meta_view))
         stream = all_ids[~torch.isin(all_ids, meta_ids)]
         stats, iteration = train_one_epoch(
             model, optimizer, train.batches(stream, run.batch_size, preset, run.view), epoch=epoch,
@@ -133,7 +134,7 @@ def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: i
             meta_batches=meta_batches, scheduler=scheduler, iteration=iteration)
         if meta_batches is not None and run.meta.finetune:
             stats.update(finetune_on_meta(model, optimizer, dyn, train.batches(meta_ids, run.batch_size, preset,
-                                                                                  "strong")))
+                                                                                  run.meta_view)))
         pred = predict(model, test.batches(torch.arange(len(test.label)), 1000, preset, None))
         stats["eval/top1"] = float((pred["pred"] == pred["true_label"]).mean())
         if ranked is not None and dyn is not None and bool((train.true_label >= 0).all()):
@@ -156,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--scope", choices=("full", "head"), default="full")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--meta-view", choices=("weak", "strong"), default="strong")
     args = ap.parse_args(argv)
     manifest = read_manifest(args.data)
     preset = build_preset(preset_for_source(manifest["source"]))
     train, test = Split.load(args.data, "train"), Split.load(args.data, "test")
     results = {}
     for loss in args.losses:
-        run = LocalRun(loss=loss, epochs=args.epochs, seed=args.seed,
+        run = LocalRun(loss=loss, epochs=args.epochs, seed=args.seed, meta_view=args.meta_view,
                        meta=MetaSettings(scope=args.scope, warmup_epochs=min(3, args.epochs - 1)))
         results[loss] = train_local(run, train, test, preset, manifest["num_classes"]).history[-1]
     print(f"\n{'loss':<16}{'clean-test top-1':>18}{'time (s)':>10}")

@@ -209,7 +209,7 @@ class Worker:
         return pa.concat_tables(parts), exclude
 
     def meta_batches(self, rows: pa.Table, epoch: int) -> Iterator[dict]:
-        """Endless meta batches (strong view): this worker's slice of each global batch, reshuffled per pass."""
+        """Endless meta batches (``dynamic.meta_view``): this worker's slice of each global batch, reshuffled per pass."""
         n, w = len(rows), self.world
         size = min(self.cfg.meta_batch_size, n - n % w)
         if size < w:
@@ -223,7 +223,7 @@ class Worker:
                 seed = _seed(self.cfg.train.seed, 6, epoch, rounds, start, self.rank)
                 v = views_from_rows(part, self.preset, True, seed=seed)
                 if len(v["label"]):
-                    yield {"x": self._x(torch.from_numpy(v["strong"])),
+                    yield {"x": self._x(torch.from_numpy(v[self.cfg.dynamic.meta_view])),
                            "label": torch.from_numpy(v["label"]).to(self.device)}
 
     def finetune_batches(self, rows: pa.Table, epoch: int) -> Iterator[dict]:

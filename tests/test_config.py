@@ -59,11 +59,13 @@ def test_all_errors_at_once_each_naming_its_key(tmp_path):
 
 def test_enums_list_their_choices_and_nested_typos_are_caught(prepared):
     errors = errors_of({"data": {"path": prepared, "train_veiw": "weak"},
-                        "optim": {"schedule": "linear"}, "scaling": {"use_gpu": "maybe"}})
+                        "optim": {"schedule": "linear"}, "scaling": {"use_gpu": "maybe"},
+                        "dynamic": {"meta_view": "medium"}})
     text = "\n".join(errors)
     assert "data.train_veiw: unknown key (did you mean 'train_view'?)" in text
     assert "optim.schedule: must be one of 'cosine', 'step' or 'onecycle' (got 'linear')" in text
     assert "scaling.use_gpu: must be one of 'auto', True or False" in text
+    assert "dynamic.meta_view: must be one of 'weak' or 'strong' (got 'medium')" in text
 
 
 def test_a_prepare_block_excuses_the_missing_path(tmp_path):

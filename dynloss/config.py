@@ -139,7 +139,7 @@ class Dynamic(Section):
     finetune: bool = True
     meta_batch_size: int | None = Field(None, ge=1)  # global; None = train.batch_size
     rank_buckets: int = Field(100, ge=1)
-    rank_init: str = "smooth"  # the corrector's rank embedding: dynloss.dynamic.LabelCorrector.RANK_INITS
+    rank_init: str = "xavier"  # the corrector's rank embedding: dynloss.dynamic.LabelCorrector.RANK_INITS
     meta_view: Literal["weak", "strong"] = "strong"  # view of the meta batches (the authors': strong)
 
     @field_validator("rank_init")

@@ -46,7 +46,7 @@ class LocalRun:
     meta_lr: float = 3e-3
     meta_batch_size: int = 128
     margin_prior: str = "log_prior"
-    rank_init: str = "smooth"
+    rank_init: str = "xavier"
     ratio1: float = 0.5
     ratio2: float = 0.5
     criterion: str = "easy"

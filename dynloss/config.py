@@ -18,7 +18,6 @@ print(load_config('pipelines/configs/digits.yaml', ['optim.lr=0.05']).optim)"
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dynloss.data import SOURCES
 from dynloss.data.storage import is_uri
 from dynloss.data.transforms import PRESETS as AUG_PRESETS
-from dynloss.losses import LOSSES
+from dynloss.losses import LOSSES, needs_class_counts
 from dynloss.losses import PRESETS as LOSS_PRESETS
 from dynloss.models import MODELS
 from dynloss.noise import CONVENTIONS, PROFILES, parse_noise
@@ -366,10 +365,6 @@ def _path_errors(raw: Mapping) -> list[str]:
     return errors
 
 
-def _loss_class_counts_param(name: str) -> bool:
-    return name in LOSSES and "class_counts" in inspect.signature(LOSSES[name]).parameters
-
-
 def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     """Checks that need the prepared dataset: splits, class counts for the loss, the loss parameters."""
     from dynloss.losses import build_loss
@@ -384,13 +379,13 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     counts = list(splits.get("train", {}).get("counts") or [])
     num_classes = int(manifest.get("num_classes", len(counts)))
     prior = cfg.is_dynamic and cfg.dynamic.margin_prior == "log_prior"
-    needs_counts = prior or _loss_class_counts_param(cfg.loss.name)
+    needs_counts = prior or needs_class_counts(cfg.loss.name)
     if needs_counts and (len(counts) != num_classes or any(c <= 0 for c in counts)):
         errors.append(f"loss.name: {cfg.loss.name!r} needs every class in the train split, but the manifest's "
                       f"train counts are {counts}")
     elif not cfg.is_dynamic:
         params = dict(cfg.loss.params)
-        if _loss_class_counts_param(cfg.loss.name):
+        if needs_class_counts(cfg.loss.name):
             params.setdefault("class_counts", counts)
         try:
             build_loss(cfg.loss.name, num_classes, preset=cfg.loss.preset, **params)

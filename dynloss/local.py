@@ -22,13 +22,11 @@ from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import build_preset, preset_for_source
 from dynloss.dynamic import DynamicLoss
 from dynloss.engine import MetaSettings, finetune_on_meta, per_sample_losses, predict, train_one_epoch
-from dynloss.losses import build_loss
+from dynloss.losses import build_loss, needs_class_counts
 from dynloss.meta import build_meta_optimizer
 from dynloss.metrics import correction_metrics
 from dynloss.models import build_model
 from dynloss.sampling import hierarchical_sample, loss_ranks
-
-COUNT_LOSSES = ("ldam", "logit_adjusted", "balanced_softmax")
 
 
 @dataclass
@@ -110,7 +108,7 @@ def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: i
         dyn = DynamicLoss(num_classes, class_counts=counts, margin_prior=run.margin_prior, rank_init=run.rank_init)
         meta_opt = build_meta_optimizer(dyn, run.meta_lr)
     else:
-        extra = {"class_counts": counts.tolist()} if run.loss in COUNT_LOSSES else {}
+        extra = {"class_counts": counts.tolist()} if needs_class_counts(run.loss) else {}
         criterion = build_loss(run.loss, num_classes, **extra, **run.loss_params)
     all_ids = torch.arange(n)
     rank_table = torch.zeros(n, dtype=torch.long)

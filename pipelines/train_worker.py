@@ -42,7 +42,7 @@ from dynloss.data.decode import mode_from_manifest
 from dynloss.data.transforms import preset_for_source
 from dynloss.dynamic import DynamicLoss
 from dynloss.engine import MetaSettings, finetune_on_meta, per_sample_losses, predict, train_one_epoch
-from dynloss.losses import LOSSES, build_loss
+from dynloss.losses import build_loss, needs_class_counts
 from dynloss.meta import build_meta_optimizer, unwrap
 from dynloss.metrics import correction_metrics
 from dynloss.models import build_model
@@ -117,7 +117,7 @@ class Worker:
             self.meta_optimizer = build_meta_optimizer(self.dyn, d.meta_lr)
         else:
             params = dict(cfg.loss.params)
-            if "class_counts" in inspect.signature(LOSSES[cfg.loss.name]).parameters:
+            if needs_class_counts(cfg.loss.name):
                 params.setdefault("class_counts", self.counts)
             self.criterion = build_loss(cfg.loss.name, self.num_classes, preset=cfg.loss.preset, **params).to(device)
         shared = {f.name: getattr(cfg.dynamic, f.name) for f in fields(MetaSettings) if hasattr(cfg.dynamic, f.name)}

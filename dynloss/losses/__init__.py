@@ -10,7 +10,7 @@ loss.set_epoch(epoch, total_epochs)   # schedule-dependent losses (dal, sr); a n
 
 from . import active_passive, asymmetric, ce, dal, gce, long_tail, normalized, sparse, symmetric  # noqa: F401  (registers)
 from .base import LOSSES, RobustLoss, register
-from .build import build_loss
+from .build import build_loss, needs_class_counts
 from .presets import PRESETS
 
-__all__ = ["LOSSES", "PRESETS", "RobustLoss", "build_loss", "register"]
+__all__ = ["LOSSES", "PRESETS", "RobustLoss", "build_loss", "needs_class_counts", "register"]

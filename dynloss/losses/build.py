@@ -10,6 +10,7 @@ print(build_loss('nce+agce', 10, preset='cifar10', beta=2))"
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .base import LOSSES, RobustLoss, instantiate
@@ -24,3 +25,8 @@ def build_loss(name: str, num_classes: int, preset: str | None = None, **params:
         resolved.update(preset_params(preset, name))
     resolved.update(params)
     return instantiate(name, num_classes, resolved)
+
+
+def needs_class_counts(name: str) -> bool:
+    """Whether loss ``name`` takes the training set's per-class counts (ldam, logit_adjusted, ...)."""
+    return name in LOSSES and "class_counts" in inspect.signature(LOSSES[name]).parameters

@@ -89,7 +89,7 @@ class Data(Section):
     preset_params: dict[str, Any] = Field(default_factory=dict)
     train_view: Literal["weak", "strong"] = "weak"
     eval_split: str = "test"
-    shuffle: Literal["full", "blocks"] = "full"
+    shuffle: Literal["full", "blocks", "none"] = "full"  # "none": id order every epoch (debugging, driver checks)
     decode_cpus: float = Field(1.0, gt=0)
     decode_concurrency: int | None = Field(None, ge=1)
     prepare: Prepare | None = None
@@ -131,15 +131,21 @@ class Dynamic(Section):
     meta_interval: int = Field(1, ge=1)
     warmup_epochs: int = Field(5, ge=0)
     corrector_pretrain_iters: int = Field(0, ge=0)
-    mix: Literal["gumbel", "softmax"] = "gumbel"
+    mix: Literal["gumbel", "softmax", "argmax"] = "gumbel"  # how p~ is drawn (dynloss.dynamic.pseudo_labels)
+    pseudo_from: Literal["logits", "adjusted"] = "logits"  # p~ from z (authors) or from z + margins
+    warmup_loss: Literal["ce", "margins"] = "ce"           # warm-up CE (authors) or CE(z + generator margins)
     meta_lr: float = Field(3e-3, gt=0)
+    margin_meta_lr: float | None = Field(None, ge=0)  # the margin generator's own meta lr; None = meta_lr (authors)
     margin_prior: Literal["none", "log_prior"] = "none"
     prior_tau: float = Field(1.0, ge=0)
     finetune: bool = True
     meta_batch_size: int | None = Field(None, ge=1)  # global; None = train.batch_size
     rank_buckets: int = Field(100, ge=1)
+    corrector: Literal["learned", "oracle"] = "learned"  # oracle: trust = (given == true label), an upper bound
+    hidden: int = Field(64, ge=1)  # width of the corrector's and the generator's MLPs (authors: 64)
     rank_init: str = "xavier"  # the corrector's rank embedding: dynloss.dynamic.LabelCorrector.RANK_INITS
     meta_view: Literal["weak", "strong"] = "strong"  # view of the meta batches (the authors': strong)
+    finetune_view: Literal["weak", "strong"] | None = None  # view of the fine-tune pass; None = data.train_view
 
     @field_validator("rank_init")
     @classmethod
@@ -156,6 +162,7 @@ class Sampling(Section):
     per_class: int | None = Field(None, ge=1)
     clean_meta: str | None = None  # a prepared folder whose train split is trusted clean metadata
     enrich: bool = True            # add the hierarchical sample from the training data to clean_meta
+    leave_out: bool = True         # leave the sampled meta rows out of the epoch's training stream (authors)
 
 
 class Optim(Section):
@@ -183,7 +190,7 @@ class Train(Section):
     amp: Switch = "auto"
     channels_last: Switch = "auto"
     eval_every: int = Field(1, ge=1)
-    shot_thresholds: tuple[int, int] | None = None  # (many, few); None = dynloss.evaluation.shot_thresholds
+    shot_thresholds: tuple[int, int] | None = None  # (many, few); None = dynloss.metrics.shot_thresholds
 
     @field_validator("shot_thresholds")
     @classmethod

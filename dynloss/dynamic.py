@@ -89,6 +89,31 @@ def smooth_rank_codes(buckets: int, dim: int, scale: Tensor | float) -> Tensor:
     return (codes / codes.std() * float(scale)).float()
 
 
+class OracleCorrector(nn.Module):
+    """The upper bound of label correction, for experiments: trust 1 on a right label, 0 on a wrong one.
+
+    Needs the true labels (synthetic noise). Its rank table holds 1 for a right label and 0 for a wrong one
+    (``dynloss.epoch.ranking_pass`` writes it so), and it has nothing to learn; everything else (pseudo-labels,
+    margins, meta set, fine-tune) runs as with the learned corrector.
+    """
+
+    rank_buckets = 2
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("anchor", torch.zeros(0))  # a device to follow, no parameters
+
+    def trust(self, ranks: Tensor, labels: Tensor) -> Tensor:
+        return ranks.float().clamp(0, 1)
+
+    def curves(self) -> Tensor:
+        return torch.tensor([[0.0, 1.0]], device=self.anchor.device).expand(self.num_classes, 2)
+
+    def forward(self, ranks: Tensor, labels: Tensor) -> Tensor:
+        return self.trust(ranks, labels)
+
+
 class MarginGenerator(nn.Module):
     """A learnable 1x64 code -> MLP -> per-class additive margins shared by all samples.
 
@@ -126,10 +151,12 @@ class DynamicLoss(nn.Module):
     ``mix="softmax"`` (warm-up, and deterministic tests). Margins apply in training only.
     """
 
-    MIXES = ("gumbel", "softmax")
+    MIXES = ("gumbel", "softmax", "argmax")
+    CORRECTORS = ("learned", "oracle")
 
     def __init__(self, num_classes: int, rank_buckets: int = 100, hidden: int = 64,
-                 class_counts=None, margin_prior: str = "none", prior_tau: float = 1.0, rank_init: str = "xavier"):
+                 class_counts=None, margin_prior: str = "none", prior_tau: float = 1.0, rank_init: str = "xavier",
+                 corrector: str = "learned"):
         super().__init__()
         if margin_prior not in ("none", "log_prior"):
             raise ValueError(f"margin_prior must be 'none' or 'log_prior', got {margin_prior!r}")
@@ -142,15 +169,23 @@ class DynamicLoss(nn.Module):
                 raise ValueError(f"class_counts must be {num_classes} positive counts, got {counts.tolist()}")
             log_prior = (prior_tau * torch.log(counts / counts.sum())).float()
         self.num_classes = num_classes
-        self.corrector = LabelCorrector(num_classes, rank_buckets, hidden, rank_init)
+        if corrector not in self.CORRECTORS:
+            raise ValueError(f"corrector must be one of {self.CORRECTORS}, got {corrector!r}")
+        self.corrector = LabelCorrector(num_classes, rank_buckets, hidden, rank_init) if corrector == "learned" \
+            else OracleCorrector(num_classes)
         self.margins = MarginGenerator(num_classes, hidden, log_prior)
 
     def pseudo_labels(self, logits: Tensor, mix: str = "gumbel") -> Tensor:
-        """p~: a hard Gumbel-softmax sample (tau 1) of the detached logits, or their softmax."""
+        """p~: a hard Gumbel-softmax sample (tau 1) of the detached logits (the authors'), their softmax, or
+        the one-hot argmax (the classifier's best guess, no sampling noise)."""
         if mix not in self.MIXES:
             raise ValueError(f"mix must be one of {self.MIXES}, got {mix!r}")
         detached = logits.detach().float()
-        return F.gumbel_softmax(detached, tau=1.0, hard=True) if mix == "gumbel" else detached.softmax(1)
+        if mix == "gumbel":
+            return F.gumbel_softmax(detached, tau=1.0, hard=True)
+        if mix == "argmax":
+            return F.one_hot(detached.argmax(1), detached.shape[1]).to(detached.dtype)
+        return detached.softmax(1)
 
     def corrected_target(self, labels: Tensor, ranks: Tensor, pseudo: Tensor) -> tuple[Tensor, Tensor]:
         """(w, y_hat) with y_hat = w onehot(y) + (1 - w) p~."""

@@ -1,13 +1,14 @@
 """One epoch of training, the per-epoch ranking pass and evaluation: the loop bodies every runner shares.
 
-The Ray Train loop (pipelines/train.py) and the Ray-free quick run (pipelines/quickrun.py) both call these
-with batches they built; nothing here knows about Ray. Batches are dicts of tensors:
+``dynloss.epoch.run_epoch`` strings these together for every driver (the Ray Train worker and the Ray-free
+runner); nothing here knows about Ray. Batches are dicts of tensors:
 
   train batch   {"id": (B,), "x": (B, ...), "label": (B,)}         the epoch's training stream
   meta batch    {"x": (M, ...), "label": (M,)}                      drawn from the epoch's meta set
   rank/eval     {"id": (B,), "x": (B, ...), "label": (B,), "true_label": (B,)}   un-augmented view
 
-Shape of an epoch (DESIGN.md section 3): warm-up epochs are plain CE (and the bounded corrector pre-training);
+Shape of an epoch (DESIGN.md section 3): warm-up epochs are CE, or CE with the generator's margins
+(``warmup_loss``), and the bounded corrector pre-training;
 afterwards the ranking pass fixes the rank table and the meta set, every iteration is a meta step
 (every ``meta_interval``-th; the others are actual steps with the current phi), then one fine-tune pass
 over the meta set.
@@ -38,6 +39,8 @@ class MetaSettings:
     mix: str = "gumbel"
     finetune: bool = True
     max_grad_norm: float | None = None
+    warmup_loss: str = "ce"       # "ce" (authors) or "margins": CE(z + m), the generator's margins, no grad
+    pseudo_from: str = "logits"   # p~ drawn from z (authors) or "adjusted": from z + m (dynloss.meta.meta_step)
 
 
 @dataclass
@@ -101,6 +104,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
     model.train()
     stats = EpochStats()
     meta_phase = dyn is not None and epoch >= settings.warmup_epochs
+    warm_margins = None
+    if dyn is not None and not meta_phase and settings.warmup_loss == "margins":
+        with torch.no_grad():  # logit-adjusted CE from the start when the margins start at the log prior
+            warm_margins = dyn.margins().float().to(device)
     for b in batches:
         b = _to(b, device)
         x, y = b["x"], b["label"]
@@ -110,13 +117,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
                 mb = _to(next(meta_batches), device)
                 meta = MetaBatch(mb["x"], mb["label"])
             out = meta_step(model, dyn, optimizer, meta_optimizer, x, y, rank_table[b["id"]], meta,
-                            scope=settings.scope, mix=settings.mix, virtual_grad_hook=virtual_grad_hook,
-                            meta_grad_hook=meta_grad_hook, max_grad_norm=settings.max_grad_norm)
+                            scope=settings.scope, mix=settings.mix, pseudo_from=settings.pseudo_from,
+                            virtual_grad_hook=virtual_grad_hook, meta_grad_hook=meta_grad_hook,
+                            max_grad_norm=settings.max_grad_norm)
             stats.add("train/trust", out["trust"], len(y))
             if "meta/loss" in out:
                 stats.add("meta/loss", out["meta/loss"])
         else:
-            out = ce_step(model, optimizer, x, y, criterion if dyn is None else None,
+            out = ce_step(model, optimizer, x, y, criterion if dyn is None else None, margins=warm_margins,
                           max_grad_norm=settings.max_grad_norm)
             if dyn is not None and iteration < settings.corrector_pretrain_iters:
                 rt = rank_table[b["id"]] if rank_table is not None else torch.zeros_like(y)
@@ -167,4 +175,6 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> dict[str, np.ndarray]
         out["label"].append(b["label"])
         out["true_label"].append(b.get("true_label", b["label"]))
     model.train()
+    if not out["pred"]:  # a DDP worker whose part of the split is empty
+        return {k: np.zeros(0, np.int64) for k in out}
     return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}

@@ -1,173 +1,183 @@
-"""Ray-free, single-process training of one loss on a prepared dataset held in memory.
+"""The Ray-free runner: the epoch of ``dynloss train`` on one device, a prepared split decoded in memory.
 
-The reference driver of the engine: the per-epoch shape of DESIGN.md section 3 (ranking pass, rank table,
-hierarchical meta set left out of the epoch, meta steps, fine-tune pass, evaluation) for small array
-datasets (digits, Fashion-MNIST, CIFAR) on one device. The Ray Train loop runs the same engine functions
-over Ray Data shards; this one is what the library tests and quick comparisons use.
+Same config (``--config`` + ``--set``, validated as a whole), same components (``dynloss.builder``), same epoch
+(``dynloss.epoch``): only the data comes from memory instead of Ray Data shards, so method sweeps and quick
+comparisons run without a Ray runtime (e.g. on a GPU machine with torch alone). For small array datasets
+(digits, Fashion-MNIST, CIFAR) that fit in memory; the dataset must be prepared (``dynloss prepare``, or one
+``dynloss train`` run of the config). Checkpoints, MLflow and multi-GPU are ``dynloss train``'s.
 
-    python -m dynloss.local --data data/fashion-mnist-lt --losses ce dynamic --epochs 10
+    python -m dynloss.local --config pipelines/configs/fashion_mnist_lt.yaml --compare logit_adjusted dynamic
+    python -m dynloss.local --config pipelines/configs/digits.yaml --set train.epochs=3 --set train.seed=1
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dynloss.data.batches import load_split_numpy
+from dynloss.builder import Components, build_components, derive_seed
+from dynloss.config import Config, ConfigError, load_config, manifest_errors, manifest_exists
+from dynloss.data.batches import batch_seed, load_split_numpy
 from dynloss.data.manifest import read_manifest
-from dynloss.data.transforms import build_preset, preset_for_source
-from dynloss.dynamic import DynamicLoss
-from dynloss.engine import MetaSettings, finetune_on_meta, per_sample_losses, predict, train_one_epoch
-from dynloss.losses import build_loss, needs_class_counts
-from dynloss.meta import build_meta_optimizer
-from dynloss.metrics import correction_metrics
-from dynloss.models import build_model
-from dynloss.sampling import hierarchical_sample, loss_ranks
+from dynloss.epoch import TrainState, evaluate, run_epoch, watch_collapse
+from dynloss.report import compare_table, final_line
+
+EVAL_BATCH = 512
 
 
-@dataclass
-class LocalRun:
-    """What to train: the loss, the classifier, the schedule and the Dynamic Loss knobs."""
-    loss: str = "dynamic"
-    loss_params: dict = field(default_factory=dict)
-    model: str = "small_cnn"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    meta: MetaSettings = field(default_factory=lambda: MetaSettings(warmup_epochs=3))
-    meta_lr: float = 3e-3
-    meta_batch_size: int = 128
-    margin_prior: str = "log_prior"
-    rank_init: str = "xavier"
-    ratio1: float = 0.5
-    ratio2: float = 0.5
-    criterion: str = "easy"
-    view: str = "weak"         # training stream
-    meta_view: str = "strong"  # meta batches and the fine-tune pass (the authors' choice)
-    seed: int = 0
+class Arrays:
+    """A split decoded in memory (uint8 images), addressable by row id."""
+
+    def __init__(self, d: dict):
+        self.id, self.label, self.true_label = (torch.from_numpy(d[k]) for k in ("id", "label", "true_label"))
+        self.images = torch.from_numpy(d["images"])
+        self.row = {int(i): r for r, i in enumerate(d["id"])} if len(d["id"]) else {}
+
+    def rows(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor([self.row[int(i)] for i in ids], dtype=torch.long)
 
 
-@dataclass
-class Split:
-    """A split decoded in memory (uint8 images) plus its labels."""
-    images: torch.Tensor
-    label: torch.Tensor
-    true_label: torch.Tensor
-
-    @classmethod
-    def load(cls, root: str, split: str) -> Split:
-        d = load_split_numpy(root, split)
-        return cls(torch.from_numpy(d["images"]), torch.from_numpy(d["label"]), torch.from_numpy(d["true_label"]))
-
-    def batches(self, ids: torch.Tensor, batch_size: int, preset, view: str | None
-                ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches over ``ids``; ``view`` "weak"/"strong" augments and shuffles, None is the eval view.
-
-        Only the requested view is computed; randomness comes from torch's global generator (seeded per run).
-        """
-        if view is not None:
-            ids = ids[torch.randperm(len(ids))]
-        transform = preset.eval if view is None else getattr(preset, view)
-        for i in range(0, len(ids), batch_size):
-            j = ids[i:i + batch_size]
-            x = torch.stack([transform(img) for img in self.images[j]])
-            yield {"id": j, "x": x, "label": self.label[j], "true_label": self.true_label[j]}
+def _views(images: torch.Tensor, transform, seed: int | None) -> torch.Tensor:
+    if seed is None:
+        return torch.stack([transform(img) for img in images])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([transform(img) for img in images])
 
 
-def _cycle(make: Callable[[], Iterator]) -> Iterator:
-    while True:
-        yield from make()
+class InMemoryData:
+    """``dynloss.epoch.EpochData`` over prepared splits held in memory (one process)."""
+
+    def __init__(self, c: Components, train: dict, eval_: dict, clean_meta: dict | None = None):
+        self.c, self.cfg = c, c.cfg
+        self.train, self.eval = Arrays(train), Arrays(eval_)
+        self.corrupt = int(train.get("corrupt", 0))  # training images that did not decode (counted every epoch)
+        self.clean = Arrays(clean_meta) if clean_meta is not None else None
+        self.meta: dict[str, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        ids = torch.sort(self.train.id).values
+        if self.cfg.data.shuffle == "none":
+            return ids
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, 9, epoch))
+        return ids[torch.randperm(len(ids), generator=g)]
+
+    def train_batches(self, epoch: int) -> Iterator[dict]:
+        """The whole train split in ``train.batch_size`` batches (``dynloss.epoch`` leaves the meta rows out)."""
+        order, size = self._order(epoch), self.cfg.train.batch_size
+        transform = getattr(self.c.preset, self.cfg.data.train_view)
+        for start in range(0, len(order), size):
+            ids = order[start:start + size]
+            rows = self.train.rows(ids.numpy())
+            x = _views(self.train.images[rows], transform, batch_seed(self.cfg.train.seed, ids.numpy(), epoch))
+            yield {"id": ids, "x": x, "label": self.train.label[rows], "corrupt": self.corrupt if start == 0 else 0}
+
+    def _plain(self, split: Arrays) -> Iterator[dict]:
+        ids = torch.sort(split.id).values
+        for start in range(0, len(ids), EVAL_BATCH):
+            rows = split.rows(ids[start:start + EVAL_BATCH].numpy())
+            yield {"id": split.id[rows], "x": _views(split.images[rows], self.c.preset.eval, None),
+                   "label": split.label[rows], "true_label": split.true_label[rows]}
+
+    def rank_batches(self, epoch: int) -> Iterator[dict]:
+        return self._plain(self.train)
+
+    def eval_batches(self, epoch: int) -> Iterator[dict]:
+        return self._plain(self.eval)
+
+    def set_meta(self, ids: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        """Clean metadata first, then the sampled training rows in id order (as the Ray driver reads them)."""
+        parts = []
+        if self.clean is not None:
+            parts.append((self.clean, torch.arange(len(self.clean.id))))
+        if len(ids):
+            parts.append((self.train, self.train.rows(np.unique(ids))))
+        self.meta = {k: torch.cat([getattr(a, k)[r] for a, r in parts]) for k in ("images", "label", "true_label")}
+        return {"label": self.meta["label"].numpy(), "true_label": self.meta["true_label"].numpy()}
+
+    def meta_batch(self, index: np.ndarray, view: str, seed: int) -> dict:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return {"x": _views(self.meta["images"][idx], getattr(self.c.preset, view), seed),
+                "label": self.meta["label"][idx]}
 
 
 @dataclass
 class LocalResult:
-    history: list[dict[str, float]]   # per-epoch statistics, last = final
-    model: torch.nn.Module
-    dyn: DynamicLoss | None
-    test_pred: dict[str, np.ndarray]  # the final evaluation's predictions
+    history: list[dict[str, float]]   # per-epoch metrics, last = final
+    components: Components
+    state: TrainState
+    per_class: np.ndarray | None
 
 
-def train_local(run: LocalRun, train: Split, test: Split, preset, num_classes: int,
-                log: Callable[[str], None] = print) -> LocalResult:
-    """Train ``run.loss`` on ``train``; evaluate on ``test`` every epoch."""
-    torch.manual_seed(run.seed)
-    counts = np.bincount(train.label.numpy(), minlength=num_classes)
-    model = build_model(run.model, num_classes, in_chans=preset.channels)
-    n = len(train.label)
-    steps = run.epochs * -(-n // run.batch_size) + run.epochs * 10  # meta-set fine-tune passes are short
-    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=run.lr, total_steps=steps)
-    dyn = meta_opt = criterion = None
-    if run.loss == "dynamic":
-        dyn = DynamicLoss(num_classes, class_counts=counts, margin_prior=run.margin_prior, rank_init=run.rank_init)
-        meta_opt = build_meta_optimizer(dyn, run.meta_lr)
-    else:
-        extra = {"class_counts": counts.tolist()} if needs_class_counts(run.loss) else {}
-        criterion = build_loss(run.loss, num_classes, **extra, **run.loss_params)
-    all_ids = torch.arange(n)
-    rank_table = torch.zeros(n, dtype=torch.long)
-    history, iteration, t0 = [], 0, time.time()
-    for epoch in range(run.epochs):
-        if criterion is not None:
-            criterion.set_epoch(epoch, run.epochs)
-        meta_ids, meta_batches, ranked = torch.empty(0, dtype=torch.long), None, None
-        if dyn is not None and (epoch >= run.meta.warmup_epochs or iteration < run.meta.corrector_pretrain_iters):
-            ranked = per_sample_losses(model, train.batches(all_ids, 512, preset, None))
-            rank_table[torch.from_numpy(ranked["id"])] = torch.from_numpy(
-                loss_ranks(ranked["label"], ranked["loss"], dyn.corrector.rank_buckets))
-            if epoch >= run.meta.warmup_epochs:
-                meta_ids = torch.from_numpy(ranked["id"][hierarchical_sample(
-                    ranked["label"], ranked["loss"], run.ratio1, run.ratio2, run.criterion, seed=run.seed + epoch)])
-                meta_batches = _cycle(lambda: train.batches(meta_ids, run.meta_batch_size, preset, run.meta_view))
-        stream = all_ids[~torch.isin(all_ids, meta_ids)]
-        stats, iteration = train_one_epoch(
-            model, optimizer, train.batches(stream, run.batch_size, preset, run.view), epoch=epoch,
-            settings=run.meta, criterion=criterion, dyn=dyn, meta_optimizer=meta_opt, rank_table=rank_table,
-            meta_batches=meta_batches, scheduler=scheduler, iteration=iteration)
-        if meta_batches is not None and run.meta.finetune:
-            stats.update(finetune_on_meta(model, optimizer, dyn, train.batches(meta_ids, run.batch_size, preset,
-                                                                                  run.meta_view)))
-        pred = predict(model, test.batches(torch.arange(len(test.label)), 1000, preset, None))
-        stats["eval/top1"] = float((pred["pred"] == pred["true_label"]).mean())
-        if ranked is not None and dyn is not None and bool((train.true_label >= 0).all()):
-            with torch.no_grad():
-                trust = dyn.corrector.trust(rank_table, train.label).numpy()
-            c = correction_metrics(trust, train.label.numpy(), train.true_label.numpy())
-            stats.update({"meta/trust_clean": c["trust_clean"], "meta/trust_noisy": c["trust_noisy"],
-                          "meta/auc": c["auc"]})
-        stats["epoch"], stats["time/s"] = epoch, time.time() - t0
-        history.append(stats)
-        log(f"[{run.loss}] epoch {epoch + 1}/{run.epochs} " + " ".join(
-            f"{k}={v:.4f}" for k, v in stats.items() if k not in ("epoch",)))
-    return LocalResult(history, model, dyn, pred)
+def load_data(c: Components) -> InMemoryData:
+    cfg = c.cfg
+    clean = load_split_numpy(cfg.sampling.clean_meta, "train", mode=c.mode) if cfg.sampling.clean_meta else None
+    return InMemoryData(c, load_split_numpy(cfg.data.path, "train", mode=c.mode),
+                        load_split_numpy(cfg.data.path, cfg.data.eval_split, mode=c.mode), clean)
+
+
+def train_local(cfg: Config, device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> LocalResult:
+    """Train ``cfg`` for ``train.epochs`` epochs; evaluation every ``train.eval_every`` epochs and at the end."""
+    if not manifest_exists(cfg.data.path):
+        raise ConfigError([f"data.path: no prepared dataset at {cfg.data.path!r}; run `dynloss prepare` or one "
+                           "`dynloss train` of this config first (it prepares the shards)"])
+    manifest = read_manifest(cfg.data.path)
+    errors = manifest_errors(cfg, manifest)
+    if errors:
+        raise ConfigError(errors)
+    c = build_components(cfg, manifest, device)
+    data, state = load_data(c), TrainState()
+    history, per_class, t0, epochs = [], None, time.perf_counter(), cfg.train.epochs
+    for epoch in range(epochs):
+        metrics = run_epoch(c, data, state, epoch)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == epochs - 1:
+            evaluated, per_class = evaluate(c, data, epoch)
+            metrics.update(evaluated)
+            warning = watch_collapse(c, state, metrics, epoch)
+            if warning:
+                log(f"[{cfg.run.name}] {warning}")
+        metrics.update({"epoch": epoch, "time/s": time.perf_counter() - t0})
+        history.append(metrics)
+        log(f"[{cfg.run.name}] epoch {epoch + 1}/{epochs}  {final_line(metrics)}  {metrics['time/s']:.0f} s")
+    return LocalResult(history, c, state, per_class)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dynloss.local", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="experiment YAML (pipelines/configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable): --set optim.lr=0.05")
+    p.add_argument("--compare", nargs="+", metavar="LOSS", help="train once per loss and print the final table")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="PATH", help="write every run's per-epoch metrics here")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dynloss.local", description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="a directory written by `dynloss prepare`")
-    ap.add_argument("--losses", nargs="+", default=["ce", "dynamic"])
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--scope", choices=("full", "head"), default="full")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--meta-view", choices=("weak", "strong"), default="strong")
-    args = ap.parse_args(argv)
-    manifest = read_manifest(args.data)
-    preset = build_preset(preset_for_source(manifest["source"]))
-    train, test = Split.load(args.data, "train"), Split.load(args.data, "test")
-    results = {}
-    for loss in args.losses:
-        run = LocalRun(loss=loss, epochs=args.epochs, seed=args.seed, meta_view=args.meta_view,
-                       meta=MetaSettings(scope=args.scope, warmup_epochs=min(3, args.epochs - 1)))
-        results[loss] = train_local(run, train, test, preset, manifest["num_classes"]).history[-1]
-    print(f"\n{'loss':<16}{'clean-test top-1':>18}{'time (s)':>10}")
-    for loss, last in results.items():
-        print(f"{loss:<16}{last['eval/top1']:>18.4f}{last['time/s']:>10.0f}")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        configs = {loss: load_config(args.config, [*args.set, f"loss.name={loss}", f"run.name={cfg.run.name}-{loss}"])
+                   for loss in args.compare} if args.compare else {cfg.loss.name: cfg}
+        results, seconds = {}, {}
+        for loss, c in configs.items():
+            t0 = time.perf_counter()
+            results[loss] = train_local(c, args.device).history
+            seconds[loss] = time.perf_counter() - t0
+    except ConfigError as e:
+        print(f"local: invalid config {e}", file=sys.stderr)
+        return 2
+    print(f"\nclean-test results ({args.config} {' '.join(args.set)})")
+    print(compare_table({k: h[-1] for k, h in results.items()}, seconds), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "set": args.set, "runs": results}, f, indent=1)
     return 0
 
 

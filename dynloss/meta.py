@@ -35,6 +35,7 @@ from torch.func import functional_call
 from dynloss.dynamic import DynamicLoss, soft_cross_entropy
 
 SCOPES = ("full", "head")
+PSEUDO_FROM = ("logits", "adjusted")
 GradHook = Callable[[Sequence[Tensor]], Sequence[Tensor]]
 
 
@@ -83,19 +84,29 @@ class MetaBatch:
 
 def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
               meta_optimizer: torch.optim.Optimizer, x: Tensor, labels: Tensor, ranks: Tensor,
-              meta: MetaBatch | None, *, scope: str = "full", mix: str = "gumbel",
+              meta: MetaBatch | None, *, scope: str = "full", mix: str = "gumbel", pseudo_from: str = "logits",
               virtual_grad_hook: GradHook | None = None, meta_grad_hook: Callable[[list[Tensor]], None] | None = None,
               max_grad_norm: float | None = None) -> dict[str, Tensor]:
     """One iteration of Algorithm 1: virtual step, meta step on ``meta`` (skipped when None), actual step.
+
+    ``pseudo_from``: the pseudo-labels p~ are drawn from the plain logits z (``"logits"``, the authors') or from
+    the margin-adjusted z + m (``"adjusted"``) that the loss fits, i.e. the classifier's estimate of the
+    training (long-tailed) label distribution.
 
     Returns detached tensors: ``train/loss``, ``meta/loss`` (when a meta step ran), ``trust`` (B,),
     ``logits`` (B, C).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if pseudo_from not in PSEUDO_FROM:
+        raise ValueError(f"pseudo_from must be one of {PSEUDO_FROM}, got {pseudo_from!r}")
     inner = unwrap(model)
     logits, feats = forward_with_features(model, x)
-    pseudo = dyn.pseudo_labels(logits, mix)
+    if pseudo_from == "adjusted":
+        with torch.no_grad():
+            pseudo = dyn.pseudo_labels(logits.float() + dyn.margins(), mix)
+    else:
+        pseudo = dyn.pseudo_labels(logits, mix)
     stats: dict[str, Tensor] = {}
 
     if meta is not None:
@@ -178,6 +189,14 @@ def pretrain_corrector_step(dyn: DynamicLoss, meta_optimizer: torch.optim.Optimi
     return loss.detach()
 
 
-def build_meta_optimizer(dyn: DynamicLoss, lr: float = 3e-3) -> torch.optim.Adam:
-    """Adam on phi, no weight decay, fixed lr (authors' setting)."""
-    return torch.optim.Adam(dyn.parameters(), lr=lr, weight_decay=0.0)
+def build_meta_optimizer(dyn: DynamicLoss, lr: float = 3e-3, margin_lr: float | None = None) -> torch.optim.Adam:
+    """Adam on phi, no weight decay, fixed lr (authors' setting: one lr for both nets).
+
+    ``margin_lr`` gives the margin generator its own lr (0 keeps the margins where they start, e.g. at logit
+    adjustment): Adam normalises the generator's ~1e-4 meta-gradients to ~lr per step, so at the corrector's
+    lr a few hundred steps move every margin by whole logits (docs/method.md).
+    """
+    margin_lr = lr if margin_lr is None else margin_lr
+    groups = [{"params": list(dyn.corrector.parameters()), "lr": lr},
+              {"params": list(dyn.margins.parameters()), "lr": margin_lr}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)

@@ -14,7 +14,7 @@ np.array([.9, .2, .8, .1]), np.array([0, 1, 2, 3]), np.array([0, 0, 2, 1])))"
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -134,3 +134,46 @@ def correction_metrics(trust, given, true, threshold: float = 0.5) -> dict[str, 
         "noise_rate": mean(noisy.astype(np.float64)),
         "flagged_rate": mean(flagged.astype(np.float64)),
     }
+
+
+IMAGENET_LT_SHOTS = (100, 20)
+
+
+def shot_thresholds(train_counts: Sequence[int]) -> tuple[int, int]:
+    """(many, few): ImageNet-LT's (100, 20) when all three groups are non-empty, else thirds by count."""
+    counts = np.sort(np.asarray(train_counts, dtype=np.int64))
+    many, few = IMAGENET_LT_SHOTS
+    if (counts > many).any() and (counts < few).any() and ((counts <= many) & (counts >= few)).any():
+        return many, few
+    k = len(counts) // 3
+    if k == 0 or counts[0] == counts[-1]:
+        return int(counts[-1]), int(counts[0])  # balanced or tiny: every class is medium-shot
+    # few = the k smallest classes (count < counts[k]); many = the k largest (count > counts[-k-1])
+    return int(counts[-k - 1]), int(counts[k])
+
+
+def eval_metrics(pred: np.ndarray, label: np.ndarray, top5_hit: np.ndarray, train_counts: Sequence[int],
+                 thresholds: Sequence[int] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """(``eval/*`` metrics, per-class accuracy) of predictions on a clean split."""
+    num_classes = len(train_counts)
+    many, few = thresholds or shot_thresholds(train_counts)
+    per_class = per_class_accuracy(pred, label, num_classes)
+    shots = shot_split_accuracy(pred, label, train_counts, many=many, few=few)
+    present = per_class[~np.isnan(per_class)]
+    metrics = {
+        "eval/top1": float(np.mean(pred == label)) if len(label) else float("nan"),
+        "eval/top5": float(np.mean(top5_hit)) if len(label) else float("nan"),
+        "eval/many_shot": shots["many"],
+        "eval/medium_shot": shots["medium"],
+        "eval/few_shot": shots["few"],
+        "eval/mean_class": float(present.mean()) if present.size else float("nan"),
+        "eval/worst_class": float(present.min()) if present.size else float("nan"),
+        "eval/images": float(len(label)),
+    }
+    return metrics, per_class
+
+
+def prediction_arrays(out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """From ``dynloss.engine.predict`` output: pred, label, top5_hit (1-D, so workers can gather them)."""
+    top5 = np.asarray(out["top5"]).reshape(len(out["label"]), -1)
+    return {"pred": out["pred"], "label": out["label"], "top5_hit": (top5 == out["label"][:, None]).any(1)}

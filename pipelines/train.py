@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from dynloss.config import Config, ConfigError, load_config, manifest_errors, manifest_exists, resolve_paths
 from dynloss.data import read_manifest, storage
+from dynloss.report import compare_table, final_line
 
 FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
 EQUAL_SPLIT = ("train",)  # lockstep DDP needs the same number of batches on every worker
@@ -96,7 +97,7 @@ def build_datasets(cfg: Config, manifest: dict) -> dict:
     }
 
 
-def _exact_split_config():
+def _exact_split_config(preserve_order: bool = False):
     from ray.train import DataConfig
 
     class ExactSplit(DataConfig):
@@ -120,7 +121,11 @@ def _exact_split_config():
                     out[i][name] = split
             return out
 
-    return ExactSplit()
+    if not preserve_order:
+        return ExactSplit()
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True  # data.shuffle: none -> the stream in shard (id) order, as dynloss.local reads it
+    return ExactSplit(execution_options=options)
 
 
 def _use_gpu(setting) -> bool:
@@ -167,7 +172,7 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
         datasets=build_datasets(cfg, manifest),
-        dataset_config=_exact_split_config(),
+        dataset_config=_exact_split_config(cfg.data.shuffle == "none"),
     )
     try:
         result = trainer.fit()
@@ -225,9 +230,10 @@ def train_loop(loop_config: dict) -> None:
         t0 = time.perf_counter()
         metrics = worker.train_epoch(epoch)
         last = epoch == epochs - 1
+        warning = None
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            metrics.update(worker.evaluate(epoch))
-        metrics.update(worker.trust_metrics())
+            evaluated, warning = worker.evaluate(epoch)
+            metrics.update(evaluated)
         report = worker.label_report(epoch) if last else None
         times.append(time.perf_counter() - t0)
         metrics.update({"time/epoch_s": times[-1], "epoch": epoch})
@@ -239,6 +245,8 @@ def train_loop(loop_config: dict) -> None:
             left = sum(times) / len(times) * (epochs - epoch - 1)
             _say(f"[{cfg.run.name}] epoch {epoch + 1}/{epochs}  {final_line(metrics)}  "
                  f"{metrics['time/images_per_s']:.0f} img/s  {times[-1]:.1f} s  ~{left:.0f} s left")
+            if warning:
+                _say(f"[{cfg.run.name}] {warning}")
             if logger is not None:
                 logger.metrics(metrics, step=epoch)
                 plots = worker.plot_inputs()
@@ -249,17 +257,6 @@ def train_loop(loop_config: dict) -> None:
 def _say(line: str) -> None:
     # the real stdout: Ray Train V2's patched print would show every line twice (log record + tee)
     print(line, file=sys.__stdout__, flush=True)
-
-
-def final_line(m: dict) -> str:
-    parts = []
-    for key, label, pct in (("train/loss", "loss", False), ("train/acc", "acc", True), ("meta/loss", "meta", False),
-                            ("eval/top1", "top1", True), ("eval/few_shot", "few", True)):
-        if key in m and m[key] == m[key]:
-            parts.append(f"{label} {m[key]:.1%}" if pct else f"{label} {m[key]:.3f}")
-    if "meta/trust_clean" in m:
-        parts.append(f"trust clean/noisy {m['meta/trust_clean']:.3f}/{m.get('meta/trust_noisy', float('nan')):.3f}")
-    return "  ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -274,22 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the config once per loss (run.name gets the loss appended) and print the final "
                         "clean-test metrics side by side: --compare ce dynamic")
     return p
-
-
-COMPARE_COLUMNS = (("eval/top1", "top-1"), ("eval/top5", "top-5"), ("eval/many_shot", "many"),
-                   ("eval/medium_shot", "medium"), ("eval/few_shot", "few"), ("meta/trust_clean", "trust clean"),
-                   ("meta/trust_noisy", "trust noisy"))
-
-
-def compare_table(rows: dict[str, dict], seconds: dict[str, float]) -> str:
-    """The side-by-side summary ``--compare`` prints (clean-test metrics of each loss's final epoch)."""
-    cols = [(k, label) for k, label in COMPARE_COLUMNS if any(k in m for m in rows.values())]
-    head = f"{'loss':<16}" + "".join(f"{label:>13}" for _, label in cols) + f"{'time (s)':>10}"
-    lines = [head, "-" * len(head)]
-    for loss, m in rows.items():
-        cells = "".join(f"{m[k]:>13.4f}" if k in m and m[k] == m[k] else f"{'-':>13}" for k, _ in cols)
-        lines.append(f"{loss:<16}{cells}{seconds[loss]:>10.0f}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,8 @@ class Dynamic(Section):
     margin_meta_lr: float | None = Field(None, ge=0)  # the margin generator's own meta lr; None = meta_lr (authors)
     margin_prior: Literal["none", "log_prior"] = "none"
     prior_tau: float = Field(1.0, ge=0)
+    prior_from: Literal["given", "trusted"] = "given"  # log prior of the given labels, or re-estimated every meta
+    #                                                    epoch from the trust-weighted label counts
     finetune: bool = True
     meta_batch_size: int | None = Field(None, ge=1)  # global; None = train.batch_size
     rank_buckets: int = Field(100, ge=1)

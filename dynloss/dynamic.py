@@ -4,8 +4,11 @@ Source: "Dynamic Loss For Robust Learning" (Jiang et al., TPAMI 2023) and the au
 DESIGN.md section 3 writes out what that code does. Deliberate, documented additions:
 
 * ``margin_prior="log_prior"`` adds ``tau * log(class prior)`` to the generated margins (logit adjustment,
-  Menon et al. 2021) so the generator starts where logit adjustment is and meta-learns a residual; DESIGN.md
-  section 8 saw the plain generator learn the opposite sign. ``margin_prior="none"`` is the authors' version.
+  Menon et al. 2021) so the generator starts exactly where logit adjustment is (its last layer starts at zero)
+  and meta-learns a residual; DESIGN.md section 8 saw the plain generator learn the opposite sign.
+  ``margin_prior="none"`` is the authors' version. ``set_class_counts`` moves the prior (``prior_from: trusted``).
+* ``corrector="oracle"`` (experiments only) trusts exactly the right labels: the upper bound of label correction.
+* ``mix="argmax"`` takes the classifier's best guess as p~ instead of a Gumbel sample.
 * ``rank_init="smooth"`` (opt-in; the default ``"xavier"`` is the authors' i.i.d. init) starts the rank
   embedding as low-frequency cosine codes of the bucket position, so the meta-gradient of the noisy tail moves
   its neighbours too. Seen here: trust separated about one epoch earlier on a 4K-image subset, no difference on
@@ -127,6 +130,10 @@ class MarginGenerator(nn.Module):
         nn.init.xavier_uniform_(self.code)
         self.mlp = _mlp(hidden, hidden, num_classes, MARGIN_INIT_BIAS)
         prior = torch.zeros(num_classes) if log_prior is None else torch.as_tensor(log_prior, dtype=torch.float32)
+        if log_prior is not None:
+            # start exactly at logit adjustment: a zero last layer makes the residual the same constant (the last
+            # bias) for every class; the authors' Xavier weights would add a random per-class offset of ~0.3 logit
+            nn.init.zeros_(self.mlp[-1].weight)
         if prior.shape != (num_classes,):
             raise ValueError(f"MarginGenerator log_prior must have shape ({num_classes},), got {tuple(prior.shape)}")
         self.register_buffer("log_prior", prior)
@@ -168,12 +175,20 @@ class DynamicLoss(nn.Module):
             if counts.shape != (num_classes,) or bool((counts <= 0).any()):
                 raise ValueError(f"class_counts must be {num_classes} positive counts, got {counts.tolist()}")
             log_prior = (prior_tau * torch.log(counts / counts.sum())).float()
-        self.num_classes = num_classes
+        self.num_classes, self.prior_tau = num_classes, prior_tau
         if corrector not in self.CORRECTORS:
             raise ValueError(f"corrector must be one of {self.CORRECTORS}, got {corrector!r}")
         self.corrector = LabelCorrector(num_classes, rank_buckets, hidden, rank_init) if corrector == "learned" \
             else OracleCorrector(num_classes)
         self.margins = MarginGenerator(num_classes, hidden, log_prior)
+
+    def set_class_counts(self, counts) -> None:
+        """Move the margins' log-prior part to ``prior_tau * log(counts / sum)`` (e.g. trust-weighted counts)."""
+        counts = torch.as_tensor(counts, dtype=torch.float64).clamp_min(1e-3)
+        if counts.shape != (self.num_classes,):
+            raise ValueError(f"class_counts must have shape ({self.num_classes},), got {tuple(counts.shape)}")
+        prior = self.margins.log_prior
+        prior.copy_((self.prior_tau * torch.log(counts / counts.sum())).to(prior))
 
     def pseudo_labels(self, logits: Tensor, mix: str = "gumbel") -> Tensor:
         """p~: a hard Gumbel-softmax sample (tau 1) of the detached logits (the authors'), their softmax, or

@@ -155,6 +155,9 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         ranking_pass(c, data, state, epoch)
         metrics["time/ranking_s"] = time.perf_counter() - t0
     if meta_phase:
+        if cfg.dynamic.margin_prior == "log_prior" and cfg.dynamic.prior_from == "trusted":
+            # the labels the loss fits are the trusted ones: their class counts set the logit adjustment
+            c.dyn.set_class_counts(np.bincount(state.corpus["label"], weights=trust(c, state), minlength=c.num_classes))
         exclude = meta_ids(c, state.corpus, epoch)
         rows = data.set_meta(exclude, epoch)
         n_meta = len(rows["label"])

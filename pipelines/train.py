@@ -15,10 +15,11 @@ What it does, top to bottom (DESIGN.md section 5, "Train"):
      un-augmented view for the ranking pass, the eval split) and runs a ``TorchTrainer`` (Ray Train V2):
      N workers, DDP over gloo (CPU) or NCCL (GPU), ``train_loop`` per worker;
   5. logs the final checkpoint and ``label_report.parquet`` to MLflow and prints the final metrics.
-Per epoch each worker (pipelines.train_worker): ranking pass -> rank table + meta set (Dynamic Loss, after
-warm-up) -> train_one_epoch with the DDP meta hooks -> fine-tune on the meta set -> evaluation every
-``train.eval_every`` epochs (top-1/5, many/medium/few-shot, trust of clean vs noisy labels) -> a checkpoint
-directory reported with the metrics by every worker -> rank 0 logs to MLflow and prints a progress line.
+Per epoch each worker (pipelines.train_worker) runs ``dynloss.epoch`` over its Ray Data shards, the same epoch
+the Ray-free runner ``dynloss.local`` runs: ranking pass -> rank table + meta set (Dynamic Loss, after warm-up) ->
+training with the DDP meta hooks -> fine-tune on the meta set -> evaluation every ``train.eval_every`` epochs
+(top-1/5, many/medium/few-shot, trust of clean vs noisy labels, a warning on a collapse) -> a checkpoint directory
+reported with the metrics by every worker -> rank 0 logs to MLflow and prints a progress line.
 
 Under ``ray job submit`` the job runs in a temporary copy of the working directory: give ``data.path``,
 ``run.storage_path`` absolute paths or URIs every node can reach (NFS, s3://, gs://) and ``--mlflow-uri`` a

@@ -66,7 +66,11 @@ def test_margin_generator_log_prior_starts_at_logit_adjustment():
     plain = MarginGenerator(4)
     plain.load_state_dict({k: v for k, v in dyn.margins.state_dict().items() if k != "log_prior"}, strict=False)
     delta = dyn.margins() - plain()
-    assert torch.allclose(delta, torch.log(torch.tensor(counts / counts.sum(), dtype=torch.float32)), atol=1e-5)
+    log_prior = torch.log(torch.tensor(counts / counts.sum(), dtype=torch.float32))
+    assert torch.allclose(delta, log_prior, atol=1e-5)
+    # exactly logit adjustment plus one constant (softmax ignores it): no random per-class offset at the start
+    m = dyn.margins().detach()
+    assert torch.allclose(m - m.mean(), log_prior - log_prior.mean(), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -68,6 +68,9 @@ def run(data: str, loss: str) -> dict:
 @pytest.mark.slow
 def test_dynamic_loss_beats_ce_and_distrusts_the_wrong_labels(subset):
     ce, dyn = run(subset, "ce"), run(subset, "dynamic")
+    print(f"\nCE top-1 {ce['eval/top1']:.4f} few {ce['eval/few_shot']:.4f}; Dynamic top-1 {dyn['eval/top1']:.4f} "
+          f"few {dyn['eval/few_shot']:.4f} trust {dyn['meta/trust_clean']:.3f}/{dyn['meta/trust_noisy']:.3f} "
+          f"AUC {dyn['meta/auc']:.3f}")
     assert 0.25 < dyn["meta/noise_rate"] < 0.4
     assert dyn["meta/trust_noisy"] < dyn["meta/trust_clean"] - 0.3, dyn
     assert dyn["meta/auc"] > 0.85, dyn

@@ -1,7 +1,7 @@
-"""The README's main command, shortened: set-up + CE vs Dynamic Loss on Fashion-MNIST-LT, side by side.
+"""The README's main command, shortened: set-up + CE, logit-adjusted CE and Dynamic Loss on Fashion-MNIST-LT.
 
 Runs exactly `bash cluster/local/dev.sh run` with overrides that keep it to two epochs and out of the
-working tree, then checks the printed table and the two MLflow runs in a real SQLite store.
+working tree, then checks the printed table and the three MLflow runs in a real SQLite store.
 """
 import os
 import re
@@ -17,7 +17,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_readme_main_command_prints_ce_and_dynamic_side_by_side(tmp_path):
+def test_readme_main_command_prints_the_three_losses_side_by_side(tmp_path):
     if not os.path.isdir(FMNIST):
         pytest.skip(f"{FMNIST} missing: install the Debian package dataset-fashion-mnist")
     readme = (ROOT / "README.md").read_text()
@@ -30,13 +30,14 @@ def test_readme_main_command_prints_ce_and_dynamic_side_by_side(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index("clean-test results"):]
-    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ce|dynamic)\s+([0-9.]+)", table, re.M)}
-    assert set(rows) == {"ce", "dynamic"}, table
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ce|logit_adjusted|dynamic)\s+([0-9.]+)", table,
+                                                                re.M)}
+    assert set(rows) == {"ce", "logit_adjusted", "dynamic"}, table
     assert all(0.1 < v <= 1.0 for v in rows.values()), rows  # better than chance after two epochs
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert {"fmnist-lt-dynamic-ce", "fmnist-lt-dynamic-dynamic"} <= set(runs["tags.mlflow.runName"]), runs
+    assert {f"fmnist-lt-dynamic-{n}" for n in rows} <= set(runs["tags.mlflow.runName"]), runs
     for name, top1 in rows.items():
         run = runs[runs["tags.mlflow.runName"] == f"fmnist-lt-dynamic-{name}"].iloc[0]
         assert run["metrics.eval/top1"] == pytest.approx(top1, abs=1e-4)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine (Python 3.11) and run the main job or the tests.
 #
-#   bash cluster/local/dev.sh run     # set up, then the Fashion-MNIST-LT job: CE vs Dynamic Loss side by side
+#   bash cluster/local/dev.sh run     # set up, then the Fashion-MNIST-LT job: CE, logit-adjusted CE, Dynamic Loss
 #   bash cluster/local/dev.sh test    # set up, then the whole test suite
 #
 # Set-up is idempotent: a virtual environment in .venv with the pinned torch/torchvision pair
@@ -37,7 +37,7 @@ case "${1:-}" in
     shift
     if [ -d /usr/share/datasets/fashion-mnist ]; then config=pipelines/configs/fashion_mnist_lt.yaml
     else config=pipelines/configs/digits.yaml; fi
-    exec .venv/bin/dynloss train --config "$config" --compare ce dynamic "$@"
+    exec .venv/bin/dynloss train --config "$config" --compare ce logit_adjusted dynamic "$@"
     ;;
   test)
     setup

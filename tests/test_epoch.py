@@ -1,0 +1,149 @@
+"""The epoch engine (dynloss.epoch), the builder and the Dynamic Loss choices docs/method.md measured.
+
+Runs the Ray-free driver on scikit-learn's digits prepared as real shards; seconds each.
+
+    .venv/bin/python -m pytest tests/test_epoch.py -q
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynloss.builder import build_components
+from dynloss.config import validate
+from dynloss.data import read_manifest
+from dynloss.dynamic import DynamicLoss
+from dynloss.epoch import (COLLAPSE_DROP, TrainState, finetune_batches, leave_out, meta_batches, ranking_pass,
+                           watch_collapse)
+from dynloss.local import load_data, train_local
+from dynloss.meta import MetaBatch, build_meta_optimizer, meta_step
+from dynloss.models.classifier import Classifier
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    from pipelines import prepare
+
+    out = str(tmp_path_factory.mktemp("data") / "digits")
+    assert prepare.main(["digits", "--out", out, "--imbalance", "0.1", "--noise", "sym:0.3", "--workers", "1",
+                         "--no-progress"]) == 0
+    return out
+
+
+def cfg_for(data: str, **dynamic):
+    return validate({"data": {"path": data, "preset": "digits"}, "model": {"name": "small_cnn"},
+                     "loss": {"name": "dynamic"}, "optim": {"lr": 0.02, "schedule": "onecycle"},
+                     "dynamic": {"warmup_epochs": 1, "margin_prior": "log_prior", "meta_batch_size": 32, **dynamic},
+                     "train": {"epochs": 2, "batch_size": 32}})
+
+
+def test_builder_makes_what_the_config_says(digits):
+    cfg = validate({**cfg_for(digits).resolved(), "dynamic": {"hidden": 16, "margin_meta_lr": 0.0, "scope": "head",
+                                                               "margin_prior": "log_prior"}})
+    c = build_components(cfg, read_manifest(digits), "cpu")
+    assert c.dyn.corrector.embedding.weight.shape == (100, 16) and c.criterion is None
+    assert [g["lr"] for g in c.meta_optimizer.param_groups] == [cfg.dynamic.meta_lr, 0.0]
+    assert c.settings.scope == "head" and c.steps_per_epoch == -(-c.train_rows // 32)
+    base = build_components(validate({**cfg.resolved(), "loss": {"name": "logit_adjusted"}}), read_manifest(digits),
+                            "cpu")
+    assert base.dyn is None and base.criterion is not None
+    # the same initial weights from the same seed, whatever else the config says
+    assert all(torch.equal(a, b) for a, b in zip(c.model.state_dict().values(), base.model.state_dict().values()))
+
+
+def test_an_epoch_leaves_the_meta_set_out_and_reports_everything(digits):
+    hist = train_local(cfg_for(digits), log=lambda line: None).history
+    warm, meta = hist
+    assert "meta/loss" not in warm and warm["train/images"] == read_manifest(digits)["splits"]["train"]["rows"]
+    assert meta["train/images"] == warm["train/images"] - meta["meta/set_size"]
+    for key in ("meta/loss", "finetune/loss", "meta/trust_clean", "meta/auc", "meta/margin_slope", "eval/top1",
+                "eval/collapse", "time/ranking_s"):
+        assert np.isfinite(meta[key]), key
+    kept = train_local(validate({**cfg_for(digits).resolved(), "sampling": {"leave_out": False}}),
+                       log=lambda line: None).history[-1]
+    assert kept["train/images"] == warm["train/images"]
+
+
+def test_leave_out_keeps_an_all_meta_batch_whole():
+    b = {"id": torch.tensor([1, 2, 3]), "x": torch.zeros(3, 1), "label": torch.tensor([0, 1, 2]), "corrupt": 1}
+    out = leave_out(b, torch.tensor([2]))
+    assert out["id"].tolist() == [1, 3] and out["x"].shape == (2, 1) and out["corrupt"] == 1
+    assert leave_out(b, torch.tensor([1, 2, 3])) is b and leave_out(b, None) is b
+
+
+def test_meta_and_finetune_batches_are_full_batches_only(digits):
+    c = build_components(cfg_for(digits), read_manifest(digits), "cpu")
+    data = load_data(c)
+    data.set_meta(np.arange(70), epoch=0)  # 70 rows, meta batch 32, fine-tune batch 32
+    sizes = [len(b["label"]) for _, b in zip(range(5), meta_batches(c, data, 70, 0))]
+    assert sizes == [32] * 5  # the 6-row remainder of each pass is never a batch
+    assert [len(b["label"]) for b in finetune_batches(c, data, 70, 0)] == [32, 32]
+    assert [len(b["label"]) for b in finetune_batches(c, data, 20, 0)] == [20]  # fewer rows: one batch of all
+
+
+def test_oracle_corrector_trusts_exactly_the_right_labels(digits):
+    c = build_components(cfg_for(digits, corrector="oracle"), read_manifest(digits), "cpu")
+    state = TrainState()
+    corpus = ranking_pass(c, load_data(c), state, 0)
+    right = corpus["label"] == corpus["true_label"]
+    assert (corpus["rank"] == right).all() and 0.1 < 1 - right.mean() < 0.4
+    w = c.dyn.corrector.trust(torch.as_tensor(corpus["rank"]), torch.as_tensor(corpus["label"]))
+    assert torch.equal(w, torch.as_tensor(right, dtype=torch.float32))
+    assert not list(c.dyn.corrector.parameters())
+
+
+def test_trusted_prior_follows_the_trusted_labels(digits):
+    hist = train_local(cfg_for(digits, corrector="oracle", prior_from="trusted", margin_meta_lr=0.0),
+                       log=lambda line: None)
+    c, corpus = hist.components, hist.state.corpus
+    clean = np.bincount(corpus["label"][corpus["label"] == corpus["true_label"]], minlength=10)
+    expected = np.log(clean / clean.sum())
+    assert np.allclose(c.dyn.margins.log_prior.numpy(), expected, atol=1e-5)
+
+
+def test_pseudo_labels_from_the_adjusted_logits_and_argmax():
+    dyn = DynamicLoss(3, class_counts=[90, 9, 1], margin_prior="log_prior")
+    z = torch.tensor([[0.0, 0.5, 1.0]])
+    assert dyn.pseudo_labels(z, "argmax").tolist() == [[0.0, 0.0, 1.0]]
+    with torch.no_grad():
+        adjusted = dyn.pseudo_labels(z + dyn.margins(), "argmax")
+    assert adjusted.tolist() == [[1.0, 0.0, 0.0]]  # the head class once the prior is added
+
+
+def test_a_frozen_generator_keeps_the_logit_adjustment():
+    torch.manual_seed(0)
+    model = Classifier(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()), 6, 3)
+    dyn = DynamicLoss(3, class_counts=[50, 10, 2], margin_prior="log_prior")
+    before = dyn.margins().detach().clone()
+    mopt = build_meta_optimizer(dyn, 3e-3, margin_lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y, r = torch.randn(16, 4), torch.randint(0, 3, (16,)), torch.randint(0, 100, (16,))
+    trust = dyn.corrector.trust(r, y).detach().clone()
+    for _ in range(3):
+        meta_step(model, dyn, opt, mopt, x, y, r, MetaBatch(x, y), pseudo_from="adjusted", mix="argmax")
+    assert torch.equal(dyn.margins().detach(), before) and not torch.equal(dyn.corrector.trust(r, y), trust)
+
+
+def test_warmup_with_margins_is_logit_adjusted_ce(digits):
+    from dynloss.engine import train_one_epoch
+
+    c = build_components(cfg_for(digits, warmup_loss="margins", warmup_epochs=5), read_manifest(digits), "cpu")
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with torch.no_grad():  # train-mode batch norm normalises with the batch's statistics, as the step does
+        expected = F.cross_entropy(c.model(x) + c.dyn.margins(), y)
+    stats, _ = train_one_epoch(c.model, c.optimizer, [{"id": torch.arange(8), "x": x, "label": y}], epoch=0,
+                               settings=c.settings, dyn=c.dyn, meta_optimizer=c.meta_optimizer)
+    assert stats["train/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_collapse_after_warm_up_is_flagged(digits):
+    c = build_components(cfg_for(digits, warmup_epochs=1), read_manifest(digits), "cpu")
+    state = TrainState()
+    assert watch_collapse(c, state, {"eval/top1": 0.2}, 0) is None  # warm-up: not watched
+    assert watch_collapse(c, state, {"eval/top1": 0.8}, 1) is None
+    m = {"eval/top1": 0.8 - COLLAPSE_DROP - 0.01}
+    assert "below this run's best 80.0%" in watch_collapse(c, state, m, 2) and m["eval/collapse"] == 1.0
+    m = {"eval/top1": 0.78}
+    assert watch_collapse(c, state, m, 3) is None and m["eval/collapse"] == 0.0

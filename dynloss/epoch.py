@@ -16,6 +16,7 @@ meta steps (``dynloss.engine.train_one_epoch``) -> one fine-tune pass over the m
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -222,11 +223,11 @@ def watch_collapse(c: Components, state: TrainState, metrics: dict[str, float], 
     """After warm-up (``dynamic.warmup_epochs``, for every loss, so runs compare), flag an evaluation more than
     COLLAPSE_DROP below the run's best (``eval/collapse``); returns the warning line to print, or None."""
     top1 = metrics.get("eval/top1")
-    if top1 is None or top1 != top1 or epoch < c.settings.warmup_epochs:
+    if top1 is None or math.isnan(top1) or epoch < c.settings.warmup_epochs:
         return None
     best = state.best_top1
-    state.best_top1 = top1 if best != best else max(best, top1)
-    metrics["eval/collapse"] = float(best == best and top1 < best - COLLAPSE_DROP)
+    state.best_top1 = top1 if math.isnan(best) else max(best, top1)
+    metrics["eval/collapse"] = float(not math.isnan(best) and top1 < best - COLLAPSE_DROP)
     if metrics["eval/collapse"]:
         return (f"warning: epoch {epoch + 1}: top-1 {top1:.1%} is {best - top1:.1%} below this run's best {best:.1%} "
                 "after warm-up (a collapse; see docs/method.md)")

@@ -19,11 +19,10 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
-
-import numpy as np
+from collections.abc import Mapping
 
 from dynloss.metrics import eval_metrics, prediction_arrays, shot_thresholds  # noqa: F401 (re-exported)
+
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_size: int = 256,
                         device: str | None = None) -> dict:

@@ -15,8 +15,15 @@ from dynloss.builder import build_components
 from dynloss.config import validate
 from dynloss.data import read_manifest
 from dynloss.dynamic import DynamicLoss
-from dynloss.epoch import (COLLAPSE_DROP, TrainState, finetune_batches, leave_out, meta_batches, ranking_pass,
-                           watch_collapse)
+from dynloss.epoch import (
+    COLLAPSE_DROP,
+    TrainState,
+    finetune_batches,
+    leave_out,
+    meta_batches,
+    ranking_pass,
+    watch_collapse,
+)
 from dynloss.local import load_data, train_local
 from dynloss.meta import MetaBatch, build_meta_optimizer, meta_step
 from dynloss.models.classifier import Classifier

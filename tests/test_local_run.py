@@ -8,7 +8,9 @@ automatic: a straightforward reading of the method kept the corrector's trust at
 
 Asserted here only what holds by a wide margin on any machine: the wrong labels end up clearly less trusted
 than the right ones, and the Dynamic Loss is far above plain CE (its margins do what logit adjustment does;
-CE loses ~10 points to the imbalance here). The exact comparisons, over seeds, are in docs/method.md.
+CE loses ~10 points to the imbalance here). Measured (2-core CPU, 104 s for both runs): CE 65.95% top-1 / 55.2%
+few-shot, Dynamic Loss 76.30% / 77.1%, trust 0.84 (right) vs 0.14 (wrong), AUC 0.88; the thresholds below are
+a half to a third of those margins. The exact comparisons, over seeds, are in docs/method.md.
 """
 import gzip
 import os
@@ -73,7 +75,7 @@ def test_dynamic_loss_beats_ce_and_distrusts_the_wrong_labels(subset):
           f"AUC {dyn['meta/auc']:.3f}")
     assert 0.25 < dyn["meta/noise_rate"] < 0.4
     assert dyn["meta/trust_noisy"] < dyn["meta/trust_clean"] - 0.3, dyn
-    assert dyn["meta/auc"] > 0.85, dyn
+    assert dyn["meta/auc"] > 0.75, dyn
     assert dyn["eval/top1"] > ce["eval/top1"] + MARGIN, (dyn["eval/top1"], ce["eval/top1"])
     assert dyn["eval/few_shot"] > ce["eval/few_shot"] + 2 * MARGIN, (dyn["eval/few_shot"], ce["eval/few_shot"])
 

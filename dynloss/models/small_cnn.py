@@ -15,7 +15,6 @@ from torch import nn
 from .classifier import Classifier
 from .registry import register_model
 
-
 SPATIAL = 7  # the map a 28x28 image leaves after two 2x2 pools: kept whole (no pooling it away)
 
 

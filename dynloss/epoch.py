@@ -151,7 +151,7 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         c.criterion.set_epoch(epoch, cfg.train.epochs)
     meta_phase = c.dyn is not None and epoch >= s.warmup_epochs
     pretraining = c.dyn is not None and state.iteration < s.corrector_pretrain_iters
-    exclude, stream, n_meta = np.zeros(0, np.int64), None, 0
+    ids, stream, n_meta = np.zeros(0, np.int64), None, 0
     if meta_phase or pretraining:
         ranking_pass(c, data, state, epoch)
         metrics["time/ranking_s"] = time.perf_counter() - t0
@@ -159,8 +159,8 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         if cfg.dynamic.margin_prior == "log_prior" and cfg.dynamic.prior_from == "trusted":
             # the labels the loss fits are the trusted ones: their class counts set the logit adjustment
             c.dyn.set_class_counts(np.bincount(state.corpus["label"], weights=trust(c, state), minlength=c.num_classes))
-        exclude = meta_ids(c, state.corpus, epoch)
-        rows = data.set_meta(exclude, epoch)
+        ids = meta_ids(c, state.corpus, epoch)
+        rows = data.set_meta(ids, epoch)
         n_meta = len(rows["label"])
         stream = meta_batches(c, data, n_meta, epoch)
         metrics["meta/set_size"] = float(n_meta)
@@ -168,14 +168,14 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         if known.any():
             metrics["meta/set_clean"] = float(np.mean(rows["label"][known] == rows["true_label"][known]))
     counter = {"corrupt": 0, "images": 0}
-    excl = torch.as_tensor(exclude) if len(exclude) and cfg.sampling.leave_out else None
+    excl = torch.as_tensor(ids) if len(ids) and cfg.sampling.leave_out else None
 
     def train_stream() -> Iterator[Batch]:
         for b in data.train_batches(epoch):
             b = leave_out(b, excl)
             counter["corrupt"] += int(b.get("corrupt", 0))
             counter["images"] += len(b["label"])
-            yield {"id": b["id"], "x": c.input(b["x"]), "label": b["label"].to(c.device)}
+            yield {"id": b["id"].to(c.device), "x": c.input(b["x"]), "label": b["label"].to(c.device)}
 
     def device_batches(batches: Iterable[Batch]) -> Iterator[Batch]:
         return ({**b, "x": c.input(b["x"]), "label": b["label"].to(c.device)} for b in batches)

@@ -8,7 +8,6 @@ weight decay 5e-4, torch's OneCycleLR over all steps, batch 128, reshuffled ever
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,5 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

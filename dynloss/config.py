@@ -376,7 +376,7 @@ def _path_errors(raw: Mapping) -> list[str]:
 
 def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     """Checks that need the prepared dataset: splits, class counts for the loss, the loss parameters."""
-    from dynloss.losses import build_loss
+    from dynloss.builder import build_criterion  # the very criterion training builds
 
     errors = []
     splits = manifest.get("splits", {})
@@ -393,16 +393,27 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
         errors.append(f"loss.name: {cfg.loss.name!r} needs every class in the train split, but the manifest's "
                       f"train counts are {counts}")
     elif not cfg.is_dynamic:
-        params = dict(cfg.loss.params)
-        if needs_class_counts(cfg.loss.name):
-            params.setdefault("class_counts", counts)
         try:
-            build_loss(cfg.loss.name, num_classes, preset=cfg.loss.preset, **params)
+            build_criterion(cfg, num_classes, counts)
         except (ValueError, TypeError) as e:
             errors.append(f"loss.params: {e}")
     elif cfg.loss.params:
         errors.append("loss.params: the dynamic loss takes its settings from the `dynamic` section")
     return errors
+
+
+def check_dataset(cfg: Config) -> dict:
+    """The prepared dataset's manifest, once ``manifest_errors`` finds nothing (ConfigError otherwise)."""
+    from dynloss.data import read_manifest
+
+    if not manifest_exists(cfg.data.path):
+        raise ConfigError([f"data.path: no prepared dataset at {cfg.data.path!r}; run `dynloss prepare`, or "
+                           "`dynloss train` with a data.prepare block (it prepares the shards)"])
+    manifest = read_manifest(cfg.data.path)
+    errors = manifest_errors(cfg, manifest)
+    if errors:
+        raise ConfigError(errors)
+    return manifest
 
 
 def validate(raw: Mapping, source: str = "config", overrides: Iterable[str] = ()) -> Config:

@@ -77,12 +77,17 @@ def leave_out(batch: Batch, exclude: torch.Tensor | None) -> Batch:
     return {k: v[keep] if torch.is_tensor(v) and v.dim() and len(v) == len(keep) else v for k, v in batch.items()}
 
 
+def _inputs(c: Components, batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Images on the device in the model's memory format; the engine moves the other tensors itself."""
+    return ({**b, "x": c.input(b["x"])} for b in batches)
+
+
 # ---------------------------------------------------------------------------------------------- ranking
 def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) -> dict[str, np.ndarray]:
     """CE of every training sample against its given label (un-augmented view), gathered from every process,
     sorted by id, with its rank bucket; sets ``state.rank_table`` and ``state.corpus``."""
     with c.autocast():
-        local = per_sample_losses(c.inner, ({**b, "x": c.input(b["x"])} for b in data.rank_batches(epoch)))
+        local = per_sample_losses(c.inner, _inputs(c, data.rank_batches(epoch)))
     if not local:
         local = {k: np.zeros(0, np.float32 if k == "loss" else np.int64) for k in RANK_KEYS}
     full = distributed.all_gather_arrays({k: local[k] for k in RANK_KEYS})
@@ -175,10 +180,7 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
             b = leave_out(b, excl)
             counter["corrupt"] += int(b.get("corrupt", 0))
             counter["images"] += len(b["label"])
-            yield {"id": b["id"].to(c.device), "x": c.input(b["x"]), "label": b["label"].to(c.device)}
-
-    def device_batches(batches: Iterable[Batch]) -> Iterator[Batch]:
-        return ({**b, "x": c.input(b["x"]), "label": b["label"].to(c.device)} for b in batches)
+            yield {"id": b["id"], "x": c.input(b["x"]), "label": b["label"]}
 
     vhook, mhook = distributed.meta_hooks()
     rank_table = state.rank_table.to(c.device) if state.rank_table is not None else None
@@ -187,11 +189,11 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         stats, state.iteration = train_one_epoch(
             c.model, c.optimizer, train_stream(), epoch=epoch, settings=s, criterion=c.criterion, dyn=c.dyn,
             meta_optimizer=c.meta_optimizer, rank_table=rank_table,
-            meta_batches=device_batches(stream) if stream is not None else None, scheduler=c.scheduler,
+            meta_batches=_inputs(c, stream) if stream is not None else None, scheduler=c.scheduler,
             iteration=state.iteration, virtual_grad_hook=vhook, meta_grad_hook=mhook)
         if meta_phase and s.finetune:
             stats.update(finetune_on_meta(c.model, c.optimizer, c.dyn,
-                                          device_batches(finetune_batches(c, data, n_meta, epoch)), s.max_grad_norm))
+                                          _inputs(c, finetune_batches(c, data, n_meta, epoch)), s.max_grad_norm))
     train_s = time.perf_counter() - t1
     metrics.update(distributed.all_reduce_mean(stats))
     totals = distributed.all_reduce_sum(counter)
@@ -206,9 +208,8 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
 # ------------------------------------------------------------------------------------------- statistics
 def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, float], np.ndarray]:
     """(``eval/*`` metrics, per-class accuracy) on the eval split, gathered from every process."""
-    batches = ({**b, "x": c.input(b["x"])} for b in data.eval_batches(epoch))
     with c.autocast():
-        out = predict(c.inner, batches)
+        out = predict(c.inner, _inputs(c, data.eval_batches(epoch)))
     local = prediction_arrays(out) if out["label"].size else \
         {"pred": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "top5_hit": np.zeros(0, bool)}
     full = distributed.all_gather_arrays(local)

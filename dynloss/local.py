@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from dynloss.builder import Components, build_components, derive_seed
-from dynloss.config import Config, ConfigError, load_config, manifest_errors, manifest_exists
+from dynloss.config import Config, ConfigError, check_dataset, load_config
 from dynloss.data.batches import batch_seed, load_split_numpy
-from dynloss.data.manifest import read_manifest
+from dynloss.data.transforms import view_batch
 from dynloss.epoch import TrainState, evaluate, run_epoch, watch_collapse
 from dynloss.report import compare_table, final_line
 
@@ -41,14 +41,6 @@ class Arrays:
 
     def rows(self, ids: np.ndarray) -> torch.Tensor:
         return torch.as_tensor([self.row[int(i)] for i in ids], dtype=torch.long)
-
-
-def _views(images: torch.Tensor, transform, seed: int | None) -> torch.Tensor:
-    if seed is None:
-        return torch.stack([transform(img) for img in images])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([transform(img) for img in images])
 
 
 class InMemoryData:
@@ -71,18 +63,18 @@ class InMemoryData:
     def train_batches(self, epoch: int) -> Iterator[dict]:
         """The whole train split in ``train.batch_size`` batches (``dynloss.epoch`` leaves the meta rows out)."""
         order, size = self._order(epoch), self.cfg.train.batch_size
-        transform = getattr(self.c.preset, self.cfg.data.train_view)
         for start in range(0, len(order), size):
             ids = order[start:start + size]
             rows = self.train.rows(ids.numpy())
-            x = _views(self.train.images[rows], transform, batch_seed(self.cfg.train.seed, ids.numpy(), epoch))
+            x = view_batch(self.train.images[rows], self.c.preset, self.cfg.data.train_view,
+                           batch_seed(self.cfg.train.seed, ids.numpy(), epoch))
             yield {"id": ids, "x": x, "label": self.train.label[rows], "corrupt": self.corrupt if start == 0 else 0}
 
     def _plain(self, split: Arrays) -> Iterator[dict]:
         ids = torch.sort(split.id).values
         for start in range(0, len(ids), EVAL_BATCH):
             rows = split.rows(ids[start:start + EVAL_BATCH].numpy())
-            yield {"id": split.id[rows], "x": _views(split.images[rows], self.c.preset.eval, None),
+            yield {"id": split.id[rows], "x": view_batch(split.images[rows], self.c.preset, "eval"),
                    "label": split.label[rows], "true_label": split.true_label[rows]}
 
     def rank_batches(self, epoch: int) -> Iterator[dict]:
@@ -103,7 +95,7 @@ class InMemoryData:
 
     def meta_batch(self, index: np.ndarray, view: str, seed: int) -> dict:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return {"x": _views(self.meta["images"][idx], getattr(self.c.preset, view), seed),
+        return {"x": view_batch(self.meta["images"][idx], self.c.preset, view, seed),
                 "label": self.meta["label"][idx]}
 
 
@@ -124,14 +116,7 @@ def load_data(c: Components) -> InMemoryData:
 
 def train_local(cfg: Config, device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> LocalResult:
     """Train ``cfg`` for ``train.epochs`` epochs; evaluation every ``train.eval_every`` epochs and at the end."""
-    if not manifest_exists(cfg.data.path):
-        raise ConfigError([f"data.path: no prepared dataset at {cfg.data.path!r}; run `dynloss prepare` or one "
-                           "`dynloss train` of this config first (it prepares the shards)"])
-    manifest = read_manifest(cfg.data.path)
-    errors = manifest_errors(cfg, manifest)
-    if errors:
-        raise ConfigError(errors)
-    c = build_components(cfg, manifest, device)
+    c = build_components(cfg, check_dataset(cfg), device)
     data, state = load_data(c), TrainState()
     history, per_class, t0, epochs = [], None, time.perf_counter(), cfg.train.epochs
     for epoch in range(epochs):

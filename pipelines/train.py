@@ -40,8 +40,8 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from dynloss.config import Config, ConfigError, load_config, manifest_errors, manifest_exists, resolve_paths
-from dynloss.data import read_manifest, storage
+from dynloss.config import Config, ConfigError, check_dataset, load_config, manifest_exists, resolve_paths
+from dynloss.data import storage
 from dynloss.report import compare_table, final_line
 
 FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
@@ -72,14 +72,6 @@ def ensure_prepared(cfg: Config) -> None:
     print(f"data.prepare: python -m pipelines.prepare {' '.join(argv)}", flush=True)
     if prepare.main(argv) != 0:
         raise ConfigError([f"data.prepare: `python -m pipelines.prepare {' '.join(argv)}` failed (message above)"])
-
-
-def check_dataset(cfg: Config) -> dict:
-    manifest = read_manifest(cfg.data.path)
-    errors = manifest_errors(cfg, manifest)
-    if errors:
-        raise ConfigError(errors)
-    return manifest
 
 
 def build_datasets(cfg: Config, manifest: dict) -> dict:

@@ -28,6 +28,7 @@ print({k: tuple(t.shape) for k, t in v.items()})"
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -263,11 +264,26 @@ def make_views(images: Sequence[torch.Tensor], preset: Preset, train: bool, seed
         if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != preset.channels:
             raise ValueError(f"image {i}: expected uint8 [{preset.channels}, H, W] for preset {preset.name!r} "
                              f"(mode {preset.mode}), got {img.dtype} {tuple(img.shape)}; decode with mode={preset.mode!r}")
-    if seed is None:
+    with _seeded(seed):
         return _views(images, preset, train)
+
+
+def view_batch(images: Sequence[torch.Tensor], preset: Preset, view: str, seed: int | None = None) -> torch.Tensor:
+    """One view ("weak", "strong" or "eval") of a non-empty batch of decoded images, seeded as in make_views."""
+    transform = getattr(preset, view)
+    with _seeded(seed):
+        return _stack([transform(img) for img in images], preset, view)
+
+
+@contextmanager
+def _seeded(seed: int | None):
+    """torch's generator seeded with ``seed`` inside, the caller's state restored after (None: left as it is)."""
+    if seed is None:
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _views(images, preset, train)
+        yield
 
 
 def _views(images: Sequence[torch.Tensor], preset: Preset, train: bool) -> dict[str, torch.Tensor]:

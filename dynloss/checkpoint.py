@@ -82,8 +82,13 @@ def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise ValueError(f"{directory}: not a dynloss checkpoint (no {STATE}); pass a checkpoint directory such as "
                          "runs/NAME/checkpoint_epoch0009")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if state.get("format") != FORMAT:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]}); the file is truncated or not a "
+                         "dynloss checkpoint: use another checkpoint_epochNNNN of the run") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        state = state if isinstance(state, dict) else {}
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT}")
     return state
 

@@ -162,6 +162,8 @@ class Sampling(Section):
     ratio2: float = Field(0.5, gt=0, le=1)
     criterion: Literal["easy", "hard", "mixed", "random"] = "easy"
     per_class: int | None = Field(None, ge=1)
+    clean_per_class: int | None = Field(None, ge=1)  # a clean seed set: this many training rows per class with a
+    #                                                  known-right label always in the meta set (dynloss.sampling)
     clean_meta: str | None = None  # a prepared folder whose train split is trusted clean metadata
     enrich: bool = True            # add the hierarchical sample from the training data to clean_meta
     leave_out: bool = True         # leave the sampled meta rows out of the epoch's training stream (authors)
@@ -248,6 +250,12 @@ class Config(Section):
             errors.append(f"optim.milestones: must be increasing epochs >= 1, got {self.optim.milestones}")
         if self.optim.schedule == "step" and not self.optim.milestones:
             errors.append("optim.milestones: the step schedule needs milestones (epochs), e.g. [160, 180]")
+        if self.is_dynamic and self.dynamic.warmup_epochs >= self.train.epochs:
+            errors.append(f"dynamic.warmup_epochs: {self.dynamic.warmup_epochs} >= train.epochs={self.train.epochs}: "
+                          "the whole run would be warm-up (no meta-learning) yet logged as the Dynamic Loss; lower "
+                          "dynamic.warmup_epochs or raise train.epochs")
+        if self.data.preset is not None:
+            errors += preset_errors(self.data.preset, self.data.preset_params)
         if self.optim.warmup_epochs >= self.train.epochs and self.optim.schedule == "cosine":
             errors.append(f"optim.warmup_epochs: {self.optim.warmup_epochs} leaves no epochs of the "
                           f"{self.train.epochs} for the cosine decay")
@@ -264,6 +272,27 @@ class Config(Section):
     def resolved(self) -> dict:
         """The whole config as plain JSON types (saved in checkpoints, logged as MLflow params)."""
         return self.model_dump(mode="json")
+
+
+def preset_errors(name: str, params: Mapping[str, Any]) -> list[str]:
+    """``data.preset_params`` checked by building the preset once (a typo such as ``flipp`` is named)."""
+    import inspect
+
+    from dynloss.data.transforms import PRESETS as VIEWS, build_preset
+
+    if not params:
+        return []
+    accepted = [p for p in inspect.signature(VIEWS[name]).parameters.values() if p.name not in ("mode", "name")]
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted):
+        unknown = sorted(set(params) - {p.name for p in accepted})
+        if unknown:
+            return [f"data.preset_params: unknown parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)} of "
+                    f"preset {name!r}; valid: {', '.join(p.name for p in accepted)}"]
+    try:
+        build_preset(name, None, **params)
+    except (ValueError, TypeError) as e:
+        return [f"data.preset_params: {e}"]
+    return []
 
 
 # ------------------------------------------------------------------------------------------ error report
@@ -378,7 +407,11 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     """Checks that need the prepared dataset: splits, class counts for the loss, the loss parameters."""
     from dynloss.builder import build_criterion  # the very criterion training builds
 
+    from dynloss.data.transforms import SOURCE_PRESETS
+
     errors = []
+    if cfg.data.preset is None and manifest.get("source") in SOURCE_PRESETS:
+        errors += preset_errors(SOURCE_PRESETS[manifest["source"]], cfg.data.preset_params)
     splits = manifest.get("splits", {})
     if "train" not in splits:
         errors.append(f"data.path: the prepared dataset has no train split (splits: {', '.join(splits)})")
@@ -399,6 +432,9 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
             errors.append(f"loss.params: {e}")
     elif cfg.loss.params:
         errors.append("loss.params: the dynamic loss takes its settings from the `dynamic` section")
+    if cfg.sampling.clean_per_class and not sum(splits.get("train", {}).get("true_counts") or [0]):
+        errors.append(f"sampling.clean_per_class: {cfg.data.path} holds no true labels (only synthetic noise keeps "
+                      "them), so no training label is known to be right; use sampling.clean_meta instead")
     return errors
 
 

@@ -30,7 +30,7 @@ from dynloss.builder import Components, derive_seed
 from dynloss.dynamic import OracleCorrector
 from dynloss.engine import Batch, finetune_on_meta, per_sample_losses, predict, train_one_epoch
 from dynloss.metrics import correction_metrics, eval_metrics, prediction_arrays
-from dynloss.sampling import hierarchical_sample, loss_ranks
+from dynloss.sampling import clean_seed, hierarchical_sample, loss_ranks
 
 PER_CLASS_METRICS = 20  # classes up to which per-class accuracy is also a metric (eval/class/<index>)
 COLLAPSE_DROP = 0.05    # a top-1 this far below the run's best after warm-up is reported as a collapse
@@ -106,12 +106,15 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
 
 
 def meta_ids(c: Components, corpus: dict[str, np.ndarray], epoch: int) -> np.ndarray:
-    """The epoch's hierarchical sample of training ids (none when only clean metadata is used)."""
+    """The epoch's hierarchical sample of training ids, the clean seed set (``sampling.clean_per_class``) always in;
+    none when only clean metadata is used."""
     s = c.cfg.sampling
     if s.clean_meta and not s.enrich:
         return np.zeros(0, np.int64)
+    clean = clean_seed(corpus["label"], corpus["true_label"], s.clean_per_class,
+                       seed=derive_seed(c.cfg.train.seed, 10)) if s.clean_per_class else None
     idx = hierarchical_sample(corpus["label"], corpus["loss"], s.ratio1, s.ratio2, s.criterion, s.per_class,
-                              seed=derive_seed(c.cfg.train.seed, 4, epoch))
+                              clean_ids=clean, seed=derive_seed(c.cfg.train.seed, 4, epoch))
     return corpus["id"][idx]
 
 

@@ -13,6 +13,9 @@ code as described in DESIGN.md section 3:
   rho = 0.01 (n_min = 50) gives 25 and then 13 per class. ``per_class`` replaces the level-1 size;
   ``clean_ids`` (a trusted clean set, the paper's "unbiased metadata") are always in and count toward each
   class's quota, the hierarchy only fills the rest from the other samples of that class.
+* ``clean_seed``: such a trusted set drawn from the training data itself, up to N rows per class whose given
+  label is known to be right (synthetic noise keeps the true label): what a user who verified N labels per
+  class would hold (``sampling.clean_per_class``; ``sampling.clean_meta`` is a separately prepared one).
 
     python -c "import numpy as np; from dynloss.sampling import *; y = np.repeat(np.arange(10), [5000]*9 + [50]); \
 l = np.random.rand(y.size); print(np.bincount(y[hierarchical_sample(y, l)]))"
@@ -181,3 +184,20 @@ def hierarchical_sample(labels, losses, ratio1: float = 0.5, ratio2: float = 0.5
         level1 = rng.choice(pool, size=min(pool.size, max(need, _round_half_up(k1 * need / k2))), replace=False)
         chosen.append(select(level1, loss[level1], min(need, level1.size), rng))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def clean_seed(labels, true_labels, per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted int64 indices of up to ``per_class`` rows per class with ``labels == true_labels`` (a right label),
+    drawn at random with ``seed``; the same rows for the same inputs, whatever the epoch."""
+    y, t = _to_numpy(labels).astype(np.int64).reshape(-1), _to_numpy(true_labels).astype(np.int64).reshape(-1)
+    _check_lengths(y.size, t.size)
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    right = np.flatnonzero((y == t) & (t >= 0))
+    rng = np.random.default_rng(seed)
+    right = right[rng.permutation(right.size)]
+    # the first per_class of each class in that random order (a stable sort keeps it within a class)
+    by_class = right[np.argsort(y[right], kind="stable")]
+    starts = np.searchsorted(y[by_class], np.unique(y[by_class]))
+    rank_in_class = np.arange(by_class.size) - np.repeat(starts, np.diff(np.append(starts, by_class.size)))
+    return np.sort(by_class[rank_in_class < per_class]).astype(np.int64)

@@ -53,3 +53,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, *, steps_pe
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def fast_forward(scheduler: LRScheduler, iterations: int) -> None:
+    """Put a freshly built scheduler at ``iterations`` steps done (a run resumed with a new length: its lr
+    continues on the new schedule instead of the one it was saved with)."""
+    import warnings
+
+    scheduler.last_epoch = int(iterations) - 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()

@@ -2,7 +2,7 @@
 
     dynloss prepare digits --out data/digits
     dynloss train --config pipelines/configs/digits.yaml --set train.epochs=3
-    dynloss tune --config pipelines/configs/fashion_mnist_lt.yaml --space tune_spaces/NAME.yaml
+    dynloss tune --config pipelines/configs/fashion_mnist_lt.yaml --space tune_spaces/metadata_size.yaml
     dynloss evaluate --checkpoint runs/digits-dynamic/checkpoint_epoch0019 --data data/digits_lt01_sym03
     dynloss benchmark ingest --data data/digits --split train --preset digits
 
@@ -17,7 +17,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "prepare": "turn a dataset source into parquet shards + manifest",
     "train": "train with the Dynamic Loss or a robust loss on Ray Train (DDP, checkpoints, MLflow)",
-    "tune": "Ray Tune sweep over metadata size / sampling settings (not built yet: DESIGN.md section 5)",
+    "tune": "Ray Tune sweep (ASHA, random/grid or Optuna) over a tune_spaces/*.yaml space, logged to MLflow",
     "evaluate": "top-1/top-5, per-class and many/medium/few-shot accuracy of a checkpoint",
     "benchmark": "throughput benchmarks (ingest; step and scaling not built yet)",
 }

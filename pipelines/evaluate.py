@@ -11,7 +11,8 @@ Shot groups (Liu et al. 2019, ImageNet-LT): many-shot classes have more than 100
 fewer than 20. Those cut-offs assume ImageNet-LT's 1280..5 range; when they leave a group empty on a smaller
 dataset (CIFAR-10-LT 5000..50, Fashion-MNIST-LT 6000..60) the classes are split into thirds by training count
 instead (``shot_thresholds``); ``train.shot_thresholds: [many, few]`` in the config sets them explicitly.
-Raises ValueError (exit 2) for a path that is not a checkpoint or a dataset without the split.
+Raises ValueError (exit 2) for a path that is not a checkpoint, an unreadable (truncated) state.pt, a dataset
+without the split, or one that does not match the checkpoint (class count, class names, channels, image size).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
     manifest = read_manifest(data)
     if split not in manifest["splits"]:
         raise ValueError(f"{data}: no split {split!r}; it has {', '.join(manifest['splits'])}")
+    mismatch = dataset_mismatch(extra, manifest)
+    if mismatch:
+        raise ValueError(f"{data} does not match the checkpoint {checkpoint}: {'; '.join(mismatch)}; evaluate it on "
+                         "the dataset it was trained for (a prepared split of the same classes and image format)")
     model, preset = build_eval_model(cfg, extra, manifest)
     model.load_state_dict(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -53,6 +58,26 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
                                       thresholds)
     return {**metrics, "epoch": state["epoch"], "per_class": per_class.tolist(),
             "classes": extra.get("classes") or [str(c) for c in range(len(per_class))]}
+
+
+def dataset_mismatch(extra: Mapping, manifest: Mapping) -> list[str]:
+    """What differs between the dataset a checkpoint was trained on (its ``extra``) and ``manifest``."""
+    out = []
+    trained, here = extra.get("num_classes"), manifest.get("num_classes")
+    if trained is not None and here is not None and int(trained) != int(here):
+        out.append(f"{here} classes, the checkpoint has {trained}")
+    names, here_names = list(extra.get("classes") or []), list(manifest.get("classes") or [])
+    if names and here_names and names != here_names and len(names) == len(here_names):
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(here_names, names)) if a != b]
+        out.append(f"class names differ ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})")
+    mode, here_mode = extra.get("mode"), (manifest.get("image") or {}).get("mode")
+    if mode and here_mode and mode != here_mode:
+        out.append(f"images are {here_mode} ({len(here_mode)} channel{'s' * (len(here_mode) > 1)}), the checkpoint "
+                   f"was trained on {mode}")
+    size, here_size = extra.get("image_size"), (manifest.get("image") or {}).get("size")
+    if size and here_size and list(size) != list(here_size):
+        out.append(f"images are {here_size[0]}x{here_size[1]}, the checkpoint was trained on {size[0]}x{size[1]}")
+    return out
 
 
 def build_eval_model(cfg, extra: Mapping, manifest: Mapping):

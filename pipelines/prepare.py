@@ -6,6 +6,7 @@
     python -m pipelines.prepare webvision-mini --root /data/webvision --imagenet-val /data/imagenet/val \\
         --out s3://bucket/webvision-mini --workers 16        # or --ray to run shard jobs as Ray tasks
     dynloss prepare animal10n --root /data/animal10n --out /tmp/a10n --strict
+    dynloss prepare folder --root ~/my_images --out /tmp/mine --skip-empty-classes
 
 Features:
   * sources read in their real formats (dynloss.data.sources); --root and --out may be local paths or
@@ -16,10 +17,12 @@ Features:
   * re-runnable: shards this plan already finished (row count and sha256 checked) are kept, so a crashed
     run continues where it stopped; manifest.json is written last;
   * bad files (missing, or unreadable by Pillow: --verify decode|header|none) are left out and listed in
-    OUT/rejected.csv with a count on screen, or fail the run with --strict.
-Fails (exit status 2, message on stderr) on a missing root, an empty source, an out-of-range label or an
-unknown class (naming the file and line), a bad option, or an OUT holding a prepare with other settings
-(unless --overwrite).
+    OUT/rejected.csv with a count on screen, or fail the run with --strict;
+  * folder: an empty class folder fails naming it, or with --skip-empty-classes the class is left out (a
+    warning names it) and the other classes are numbered 0..K-1.
+Fails (exit status 2, message on stderr) on a missing root (or a file given as a folder), an empty source or
+class folder, an out-of-range label or an unknown class (naming the file and line), a bad option, or an OUT
+holding a prepare with other settings (unless --overwrite).
 """
 
 from __future__ import annotations
@@ -75,12 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (default 64)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="shard jobs in parallel")
-    p.add_argument("--ray", action="store_true", help="run jobs as Ray tasks (ray.init(): RAY_ADDRESS or a local runtime)")
+    p.add_argument("--ray", action="store_true",
+                   help="run jobs as Ray tasks (started by pipelines.ray_runtime.init_ray, as in training: "
+                   "RAY_ADDRESS or a local runtime, token auth on)")
     p.add_argument("--strict", action="store_true", help="fail on the first missing or unreadable file")
     p.add_argument("--verify", default="decode", choices=VERIFY_LEVELS,
                    help="how listed files are checked: full decode (default), Pillow verify() only, or existence only")
     p.add_argument("--imagenet-val", help="webvision*: ILSVRC2012 val folder, adds the split imagenet_val")
     p.add_argument("--lists", help="imagenet-lt: folder of ImageNet_LT_*.txt (default: --root)")
+    p.add_argument("--skip-empty-classes", action="store_true",
+                   help="folder: leave out a class whose folder has no images (with a warning) instead of failing; "
+                   "the other classes are numbered 0..K-1")
     p.add_argument("--overwrite", action="store_true", help="replace a prepare with other settings in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -102,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args: argparse.Namespace, argv: list[str]) -> dict:
     """Plan, write the shards, write the manifest; return the manifest."""
     settings = _settings(args)
-    source = load_source(args.source, args.root, imagenet_val=args.imagenet_val, lists=args.lists)
+    source = load_source(args.source, args.root, imagenet_val=args.imagenet_val, lists=args.lists,
+                         skip_empty_classes=args.skip_empty_classes)
+    for folder, cls in source.info.get("empty_class_folders", {}).items():
+        what = (f"class {cls!r} left out" if cls in source.info["classes_left_out"]
+                else f"class {cls!r} kept (it has train images)")
+        print(f"prepare: warning: {folder}: empty class folder, {what} (--skip-empty-classes); "
+              f"{source.num_classes} classes remain, numbered 0..{source.num_classes - 1}", file=sys.stderr)
     names = _splits(args, source)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for n in names:
@@ -148,6 +162,9 @@ def _settings(args) -> dict:
         raise ValueError(f"--workers {args.workers}: expected 1 or more")
     if args.shard_size_mb <= 0:
         raise ValueError(f"--shard-size-mb {args.shard_size_mb}: expected a positive size in MB")
+    if args.skip_empty_classes and args.source != "folder":
+        raise ValueError(f"--skip-empty-classes: only the folder source has class folders; "
+                         f"leave it out for {args.source}")
     try:
         noise = list(parse_noise(args.noise))
     except ValueError as e:
@@ -190,17 +207,24 @@ def _plan_split(runner: Runner, source, name: str, settings: dict, args) -> Spli
         paths = [split.paths[i] for i in keep]
         step = max(1, min(1000, -(-len(paths) // (4 * runner.workers))))
         chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
-        results = runner.map(scan_files, [(split.base, c, settings["verify"], args.strict) for c in chunks],
-                             [len(c) for c in chunks], f"scan {name}")
+        try:
+            results = runner.map(scan_files, [(split.base, c, settings["verify"], args.strict) for c in chunks],
+                                 [len(c) for c in chunks], f"scan {name}")
+        except ValueError as e:  # --strict: the first bad file, named with its reason
+            raise ValueError(str(e)) from None
         results = [r for chunk in results for r in chunk]
         ok = np.array([problem is None for _, problem in results], dtype=bool)
-        rejected = [(storage.display(split.base, p), r[1]) for p, r in zip(paths, results) if r[1] is not None]
+        rejected = [(storage.display(split.base, p), problem)
+                    for p, (_, problem) in zip(paths, results) if problem is not None]
         nbytes = np.array([size for size, _ in results], dtype=np.int64)[ok]
         keep, labels, truth = keep[ok], labels[ok], truth[ok]
     else:
         nbytes = np.full(len(keep), estimate_png_bytes(split.images, keep), dtype=np.int64)
     if not len(keep):
-        raise ValueError(f"split {name}: no usable rows left ({len(rejected)} rejected files; see the reasons above)")
+        shown = "; ".join(f"{path}: {reason}" for path, reason in rejected[:3])
+        more = f"; and {len(rejected) - 3} more" if len(rejected) > 3 else ""
+        raise ValueError(f"split {name}: no usable rows left, all {len(rejected)} files were rejected ({shown}{more})"
+                         if rejected else f"split {name}: no usable rows left")
     bounds = shard_bounds(nbytes, int(settings["shard_size_mb"] * (1 << 20)))
     return SplitPlan(name, split.kind, keep, labels, truth, nbytes, bounds, rejected)
 
@@ -250,12 +274,15 @@ class Runner:
         if use_ray:
             try:
                 import ray
+
+                from pipelines.ray_runtime import init_ray
             except ImportError as e:
                 raise ValueError("--ray needs ray installed (pip install 'ray[data]'); leave it out to use processes") from e
             if not ray.is_initialized():
-                # RAY_ADDRESS (or `ray start` on this node) means a cluster; otherwise a local runtime. On a
-                # cluster, --root and --out must be reachable from every node (shared storage or URIs).
-                ray.init(log_to_driver=False)
+                # the same start as training: RAY_ADDRESS (or `ray start` on this node) means a cluster, otherwise
+                # a local runtime; token authentication on either way. On a cluster, --root and --out must be
+                # reachable from every node (shared storage or URIs).
+                init_ray(log_to_driver=False)
                 self._started_ray = True
             self._ray = ray
 
@@ -266,7 +293,9 @@ class Runner:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._started_ray:
-            self._ray.shutdown()
+            from pipelines.ray_runtime import shutdown_ray
+
+            shutdown_ray()
 
     def map(self, fn, arg_list: list, weights: list[int], desc: str) -> list:
         from tqdm import tqdm
@@ -316,7 +345,16 @@ class Runner:
         return cf.wait(pending, return_when=cf.FIRST_COMPLETED).done
 
     def _result(self, handle):
-        return self._ray.get(handle) if self.use_ray else handle.result()
+        if not self.use_ray:
+            return handle.result()
+        try:
+            return self._ray.get(handle)
+        except self._ray.exceptions.RayTaskError as e:
+            # a job's bad-input error (a bad file under --strict) reads as its own message, not as the task's
+            # traceback; other errors keep Ray's report, which holds the remote traceback
+            if isinstance(e.cause, ValueError):
+                raise e.cause from None
+            raise
 
     def _cancel(self, pending):
         for handle in pending:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_MODES = ("token", "disabled")
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where the State API of the runtime we started is served
 
 
 def token_available() -> bool:
@@ -97,12 +98,19 @@ def configure_auth(connecting: bool) -> str:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, *,
-             log_level: int | str = logging.WARNING, include_dashboard: bool = False, **init_kwargs):
+             log_level: int | str = logging.WARNING, **init_kwargs):
     """Connect to `address` / RAY_ADDRESS / a running local cluster, else start a local runtime.
 
     num_cpus / num_gpus size a local start only (a cluster has its own resources; they are ignored with
     a warning when connecting). address="local" forces a new local runtime. Extra keyword arguments go
     to `ray.init` (e.g. runtime_env, object_store_memory). Returns the RayContext.
+
+    A local start runs the dashboard on 127.0.0.1 and names its address to every process of the runtime
+    (RAY_API_SERVER_ADDRESS): Ray's State API is served there, and Ray Train's placement-group cleaner needs it
+    to free the resources of a Train run that was killed (a Tune trial stopped early). Without the dashboard the
+    cleaner logs "Failed to query Ray Train Controller actor state" every few seconds; without the explicit
+    address it finds several runtimes on a machine that runs two, and gives up. Either way the resources stay
+    reserved and the next trial waits for them forever.
     """
     if ray.is_initialized():
         log.info("Ray already initialised in this process; reusing it")
@@ -117,10 +125,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if num_cpus is not None or num_gpus is not None:
             log.warning("connecting to an existing Ray cluster: num_cpus=%s num_gpus=%s are ignored", num_cpus, num_gpus)
         return ray.init(address=address, **kwargs)
-    return ray.init(address=address, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, **kwargs)
+    port = _free_port()
+    # the runtime's processes inherit this process's environment when they start: set it before ray.init
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ctx = ray.init(address=address, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                   dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+    if ctx.dashboard_url and ctx.dashboard_url.rsplit(":", 1)[-1] != str(port):  # taken meanwhile: Ray moved it
+        log.warning("the dashboard started on %s, not on port %d: Ray Train cannot clean up after killed runs",
+                    ctx.dashboard_url, port)
+    return ctx
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_ray() -> None:
     """Stop the local runtime (or disconnect from a cluster); a no-op when Ray is not running."""
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.pop(API_SERVER_ENV, None)

@@ -126,7 +126,11 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        """A file, or every file of a directory."""
+        if os.path.isdir(path):
+            self.client.log_artifacts(self.run_id, path, artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, path, artifact_path)
 
     def plots(self, margins: np.ndarray, log_prior: np.ndarray, curves: np.ndarray, epoch: int) -> None:
         """plots/margins.png and plots/trust_curves.png (overwritten each time: the latest epoch)."""
@@ -142,9 +146,11 @@ class RunLogger:
 
 
 def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, status: str = "FINISHED",
-               summary: Mapping[str, float] | None = None) -> None:
-    """Driver, after fit: the final checkpoint and label report as artifacts, then the run status."""
+               summary: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    """Driver, after fit: the final checkpoint and label report as artifacts, tags, then the run status."""
     client = _client(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
     if checkpoint_dir:
         client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
         report = os.path.join(checkpoint_dir, "label_report.parquet")
@@ -155,13 +161,25 @@ def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, status: str = 
     client.set_terminated(run_id, status=status)
 
 
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """The runs nested under ``parent_run_id`` (a sweep's trials), any status."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10000)
+
+
 # --------------------------------------------------------------------------------------------- plots
-def _figure(width: float = 6.0, height: float = 4.0):
+def _figure(width: float = 6.0, height: float = 4.0, panels: int = 0):
+    """(figure, axes); ``panels`` > 0: a row of that many axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    if panels:
+        fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+        return fig, list(axes[0])
     return plt.subplots(figsize=(width, height))
 
 
@@ -200,4 +218,25 @@ def trust_plot(curves: np.ndarray, epoch: int):
     ax.set_xlabel("loss-rank bucket within the given class (0 = lowest loss)")
     ax.set_ylabel("trust w")
     ax.set_title(f"label corrector, epoch {epoch}")
+    return fig
+
+
+def sweep_plot(rows: Sequence[Mapping], swept: Sequence[str], metric: str):
+    """``metric`` of every trial against each swept value, one panel per swept key (categories as ticks)."""
+    fig, axes = _figure(width=4.0, height=3.6, panels=max(1, len(swept)))
+    for ax, key in zip(axes, swept):
+        xs, ys = [r.get(key) for r in rows], [r.get(metric, float("nan")) for r in rows]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        if numeric:
+            ax.scatter(xs, ys, s=22)
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], ys, s=22)
+            ax.set_xticks(range(len(labels)), labels, rotation=60 if len(labels) > 4 else 0, ha="right", fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return fig

@@ -27,7 +27,10 @@ tracking server, or the shards, checkpoints and the SQLite store end up in that 
 
 Resume: ``run.max_failures`` restarts a failed run from its last checkpoint; running the same command again
 (same ``run.name`` and ``run.storage_path``) continues from the last checkpoint of that run, in the same
-MLflow run. ``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
+MLflow run (pipelines.resume): a finished run says so and exits at once, ``--set train.epochs=N`` extends it
+with the lr schedule rebuilt for N epochs, any other change of the config is refused with the changed keys,
+``--restart`` moves the old run aside and starts afresh. Every exit path ends the MLflow run (FINISHED, FAILED,
+KILLED on Ctrl-C). ``--verbose`` shows Ray Train's INFO logs (each report's metrics, checkpoint paths). ``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
 Exit status: 0 done, 2 invalid config (nothing started), 1 training failed.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -129,48 +133,67 @@ def _use_gpu(setting) -> bool:
     return bool(setting)
 
 
-def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = None) -> TrainResult:
-    """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint."""
+def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = None, callbacks: Sequence = (),
+        tags: Mapping[str, str] | None = None, verbose: bool = False, restart: bool = False) -> TrainResult:
+    """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint.
+
+    A Tune trial (pipelines.tune) runs this same function with Tune's report callback and the MLflow tags that
+    make its run a child of the sweep's run (``mlflow.parentRunId``). ``verbose``: Ray Train's INFO logs (every
+    report's metrics dict, checkpoint paths) on the console too; they always go to the session's log files.
+    A run already at ``run.storage_path/run.name`` is continued, extended, reported finished or refused as
+    ``pipelines.resume`` says; ``restart`` moves it aside first."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines import tracking
+    from pipelines import resume, tracking
     from pipelines.ray_runtime import init_ray
 
     cfg = resolve_paths(cfg)
     ensure_prepared(cfg)
     manifest = check_dataset(cfg)
+    run_dir = storage.display(cfg.run.storage_path, cfg.run.name)
+    if restart and (moved := resume.move_aside(run_dir)):
+        print(f"[{cfg.run.name}] --restart: the previous run moved to {moved}", flush=True)
+    before = resume.inspect(cfg, run_dir)
+    if before.finished:
+        print(f"[{cfg.run.name}] already finished (epoch {before.epoch + 1} of {cfg.train.epochs}), nothing to "
+              f"train; its checkpoint: {before.checkpoint} (--restart trains it again)", flush=True)
+        return TrainResult(before.metrics, before.checkpoint, None, run_dir)
+    if "train.epochs" in before.changed:
+        old_epochs, _ = before.changed["train.epochs"]
+        print(f"[{cfg.run.name}] extending the run from {old_epochs} to {cfg.train.epochs} epochs: the lr schedule is "
+              f"rebuilt for {cfg.train.epochs} epochs and continues after epoch {before.epoch + 1}", flush=True)
     init_ray(address)
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = sys.stderr.isatty()
     data_ctx.print_on_execution_start = False  # an execution plan per dataset per epoch drowns the progress lines
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
     fs, run_path = storage.resolve(cfg.run.storage_path)
-    run_dir = storage.display(cfg.run.storage_path, cfg.run.name)
     fs.create_dir(storage.join(run_path, cfg.run.name), recursive=True)
     run_id, resumed = tracking.start_run(cfg.run.mlflow_uri, cfg.run.experiment, cfg.run.name, run_dir,
-                                         cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv)})
+                                         cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv), **(tags or {})})
     print(f"[{cfg.run.name}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {cfg.run.mlflow_uri}; "
           f"{cfg.scaling.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in {run_dir}", flush=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.resolved(), "mlflow_uri": cfg.run.mlflow_uri, "run_id": run_id,
-                           "run_dir": run_dir, "fail_at_epoch": fail_at_epoch},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
-        datasets=build_datasets(cfg, manifest),
-        dataset_config=_exact_split_config(cfg.data.shuffle == "none"),
-    )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.finish_run(cfg.run.mlflow_uri, run_id, None, status="FAILED")
+    try:  # from here on, every way out ends the MLflow run: FINISHED, FAILED, or KILLED (Ctrl-C)
+        result = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": cfg.resolved(), "mlflow_uri": cfg.run.mlflow_uri, "run_id": run_id,
+                               "run_dir": run_dir, "fail_at_epoch": fail_at_epoch},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
+                                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                                 logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+            datasets=build_datasets(cfg, manifest),
+            dataset_config=_exact_split_config(cfg.data.shuffle == "none"),
+        ).fit()
+    except BaseException as e:
+        tracking.finish_run(cfg.run.mlflow_uri, run_id, None,
+                            status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     metrics = dict(result.metrics or {})
@@ -260,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, value parsed as YAML (repeatable): --set optim.lr=0.05")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: run.mlflow_uri, sqlite:///mlflow.db)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local `ray start`, or embedded)")
+    p.add_argument("--restart", action="store_true",
+                   help="start run.name afresh: its previous checkpoints are moved to NAME.restarted-STAMP (not deleted)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Train's INFO logs on the console too (each report's metrics, checkpoint paths)")
     p.add_argument("--compare", nargs="+", metavar="LOSS",
                    help="train the config once per loss (run.name gets the loss appended) and print the final "
                         "clean-test metrics side by side: --compare ce dynamic")
@@ -287,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for loss, c in configs.items():
             t0 = time.perf_counter()
-            results[loss] = run(c, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None)
+            results[loss] = run(c, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None,
+                                verbose=args.verbose, restart=args.restart)
             seconds[loss] = time.perf_counter() - t0
     except ConfigError as e:  # found once the dataset is prepared (loss parameters, splits)
         print(f"train: invalid config {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
 from dynloss.data.batches import SHARD_COLUMNS, views_from_rows
 from dynloss.epoch import TrainState, evaluate, ranking_pass, run_epoch, trust, watch_collapse
+from dynloss.schedules import fast_forward
 
 LABEL_REPORT = "label_report.parquet"
 PER_CLASS = "per_class.json"
@@ -106,8 +107,13 @@ class Worker:
         self.state, self.start_epoch = TrainState(), 0
         if checkpoint_dir is not None:
             state = load_state(checkpoint_dir, map_location=device)
-            restore(state, model=self.c.model, optimizer=self.c.optimizer, scheduler=self.c.scheduler,
-                    dyn=self.c.dyn, meta_optimizer=self.c.meta_optimizer, criterion=self.c.criterion)
+            # a run extended to more epochs (pipelines.resume) gets the schedule of its new length
+            extended = state["config"]["train"]["epochs"] != cfg.train.epochs
+            restore(state, model=self.c.model, optimizer=self.c.optimizer,
+                    scheduler=None if extended else self.c.scheduler, dyn=self.c.dyn,
+                    meta_optimizer=self.c.meta_optimizer, criterion=self.c.criterion)
+            if extended:
+                fast_forward(self.c.scheduler, state["iteration"])
             self.start_epoch = state["epoch"] + 1
             self.state.iteration, self.state.rank_table = state["iteration"], state["rank_table"]
             self.state.best_top1 = float((state.get("extra") or {}).get("best_top1", float("nan")))
@@ -152,6 +158,7 @@ class Worker:
                        metrics=metrics, extra={"train_counts": c.counts, "num_classes": c.num_classes,
                                                "classes": list(self.manifest.get("classes") or []),
                                                "preset": c.preset_name, "mode": c.mode,
+                                               "image_size": (self.manifest.get("image") or {}).get("size"),
                                                "best_top1": self.state.best_top1})
             if report is not None:
                 pq.write_table(report, os.path.join(directory, LABEL_REPORT))

@@ -95,6 +95,29 @@ def test_rules_across_keys(prepared):
     assert any(e.startswith("optim.milestones: the step schedule needs milestones") for e in errors)
 
 
+def test_a_dynamic_run_that_would_be_all_warm_up_is_refused(prepared):
+    errors = errors_of({"data": {"path": prepared}, "train": {"epochs": 3}, "dynamic": {"warmup_epochs": 3}})
+    assert errors == ["dynamic.warmup_epochs: 3 >= train.epochs=3: the whole run would be warm-up (no meta-learning) "
+                      "yet logged as the Dynamic Loss; lower dynamic.warmup_epochs or raise train.epochs"]
+    validate({"data": {"path": prepared}, "loss": {"name": "ce"}, "train": {"epochs": 3},
+              "dynamic": {"warmup_epochs": 3}})  # a baseline has no warm-up
+
+
+def test_augmentation_parameters_are_checked_with_the_config(prepared, tmp_path, capsys):
+    errors = errors_of({"data": {"path": prepared, "preset": "fashion-mnist", "preset_params": {"flipp": True}}})
+    assert errors == ["data.preset_params: unknown parameter flipp of preset 'fashion-mnist'; valid: flip, stats, "
+                      "padding"]
+    # no preset named: the dataset's own (digits here) is the one checked
+    assert errors_of({"data": {"path": prepared, "preset_params": {"size": 8}}})[0].startswith(
+        "data.preset_params: unknown parameter size of preset 'digits'")
+    validate({"data": {"path": prepared, "preset_params": {"padding": 0}}})
+    from pipelines.train import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": prepared, "preset_params": {"flipp": True}}}))
+    assert main(["--config", str(path)]) == 2 and "data.preset_params" in capsys.readouterr().err
+
+
 def test_loss_parameters_and_class_counts_are_checked_against_the_dataset(prepared):
     errors = errors_of({"data": {"path": prepared}, "loss": {"name": "gce", "params": {"q": -1}}})
     assert len(errors) == 1 and errors[0].startswith("loss.params:") and "q" in errors[0]
@@ -138,4 +161,4 @@ def test_cluster_runtime_env_is_a_valid_ray_runtime_env():
 
     with open(Path(__file__).resolve().parents[1] / "cluster" / "runtime_env.yaml") as f:
         env = RuntimeEnv(**yaml.safe_load(f))
-    assert env["working_dir"] == "." and "data/" in env["excludes"] and ".venv/" in env["excludes"]
+    assert env["working_dir"] == "." and "/data/" in env["excludes"] and "/.venv/" in env["excludes"]

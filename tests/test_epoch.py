@@ -21,22 +21,13 @@ from dynloss.epoch import (
     finetune_batches,
     leave_out,
     meta_batches,
+    meta_ids,
     ranking_pass,
     watch_collapse,
 )
 from dynloss.local import load_data, train_local
 from dynloss.meta import MetaBatch, build_meta_optimizer, meta_step
 from dynloss.models.classifier import Classifier
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    from pipelines import prepare
-
-    out = str(tmp_path_factory.mktemp("data") / "digits")
-    assert prepare.main(["digits", "--out", out, "--imbalance", "0.1", "--noise", "sym:0.3", "--workers", "1",
-                         "--no-progress"]) == 0
-    return out
 
 
 def cfg_for(data: str, **dynamic):
@@ -71,6 +62,28 @@ def test_an_epoch_leaves_the_meta_set_out_and_reports_everything(digits):
     kept = train_local(validate({**cfg_for(digits).resolved(), "sampling": {"leave_out": False}}),
                        log=lambda line: None).history[-1]
     assert kept["train/images"] == warm["train/images"]
+
+
+def test_a_clean_seed_set_is_in_every_meta_set_with_its_right_labels(digits, tmp_path):
+    from dynloss.config import ConfigError
+
+    cfg = validate({**cfg_for(digits).resolved(), "sampling": {"clean_per_class": 3, "per_class": 4}})
+    c = build_components(cfg, read_manifest(digits), "cpu")
+    data, state = load_data(c), TrainState()
+    corpus = ranking_pass(c, data, state, 1)
+    first, second = meta_ids(c, corpus, 1), meta_ids(c, corpus, 2)
+    right = corpus["id"][corpus["label"] == corpus["true_label"]]
+    seed = np.intersect1d(np.intersect1d(first, second), right)
+    per_class = np.bincount(corpus["label"][np.isin(corpus["id"], seed)], minlength=c.num_classes)
+    assert (per_class >= 3).all()  # every class keeps its 3 verified rows from epoch to epoch
+    import shutil
+
+    clean_free = tmp_path / "no_truth"
+    shutil.copytree(digits, clean_free)
+    manifest = (clean_free / "manifest.json").read_text().replace('"true_counts"', '"_true_counts"')
+    (clean_free / "manifest.json").write_text(manifest)
+    with pytest.raises(ConfigError, match="sampling.clean_per_class"):
+        validate({**cfg.resolved(), "data": {**cfg.resolved()["data"], "path": str(clean_free)}})
 
 
 def test_leave_out_keeps_an_all_meta_batch_whole():
@@ -136,7 +149,7 @@ def test_a_frozen_generator_keeps_the_logit_adjustment():
 def test_warmup_with_margins_is_logit_adjusted_ce(digits):
     from dynloss.engine import train_one_epoch
 
-    c = build_components(cfg_for(digits, warmup_loss="margins", warmup_epochs=5), read_manifest(digits), "cpu")
+    c = build_components(cfg_for(digits, warmup_loss="margins", warmup_epochs=1), read_manifest(digits), "cpu")
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     with torch.no_grad():  # train-mode batch norm normalises with the batch's statistics, as the step does
         expected = F.cross_entropy(c.model(x) + c.dyn.margins(), y)

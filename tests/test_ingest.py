@@ -16,7 +16,6 @@ from ingest_shards import write_digits
 ray = pytest.importorskip("ray")
 
 from pipelines.data import SharedIds, build_dataset, iter_train_batches
-from pipelines.ray_runtime import init_ray, shutdown_ray
 
 pytestmark = [
     pytest.mark.ray,
@@ -26,13 +25,6 @@ pytestmark = [
 N = 200  # rows per split; even, so an equal 2-way split keeps every row
 CORRUPT = 37
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    init_ray(address="local", num_cpus=2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +138,11 @@ def test_bad_arguments_name_the_field(ray_local, shards):
         build_dataset(root, "train", preset="digitz")
     with pytest.raises(ValueError, match="no split 'val'"):
         build_dataset(root, "val", preset="digits")
+
+
+def test_a_benchmark_of_a_missing_dataset_is_a_message_not_a_traceback(tmp_path, capsys):
+    from pipelines.benchmark import main
+
+    assert main(["ingest", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmark ingest: error: no manifest.json in") and "Traceback" not in err

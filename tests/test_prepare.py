@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import data_fixtures as fx
@@ -19,8 +20,9 @@ from PIL import Image
 
 from dynloss.data import load_source, read_manifest, read_split
 from dynloss.data import shards as shards_module
+from dynloss.data.plan import scan_files
 from dynloss.noise import add_label_noise, make_long_tailed
-from pipelines.prepare import main
+from pipelines.prepare import Runner, main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -142,6 +144,71 @@ def test_strict_fails_on_first_bad_file(tmp_path, capsys):
     assert not (out / "manifest.json").exists()
 
 
+def test_empty_class_folder_fails_naming_it_or_is_left_out_with_dense_labels(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    files = fx.write_folder(src)  # train/ and test/ with cat, dog, emu
+    for split in ("train", "test"):
+        (src / split / "bee").mkdir()  # sorts first: kept, it would shift every label by one
+    (src / "train" / "bee" / "notes.txt").write_text("no images here")
+    assert prepare("folder", "--root", src, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"{src}/train/bee, {src}/test/bee: empty class folders" in err and "--skip-empty-classes" in err
+    assert not out.exists()  # checked before anything is written
+
+    assert prepare("folder", "--root", src, "--out", out, "--skip-empty-classes") == 0
+    err = capsys.readouterr().err
+    assert f"warning: {src}/train/bee: empty class folder, class 'bee' left out" in err
+    assert f"warning: {src}/test/bee: empty class folder" in err and "3 classes remain, numbered 0..2" in err
+    m = read_manifest(str(out))
+    assert m["classes"] == ["cat", "dog", "emu"] and m["num_classes"] == 3
+    assert m["source_info"]["classes_left_out"] == ["bee"]
+    for split in ("train", "test"):
+        t = read_split(str(out), split)
+        assert t.column("label").to_pylist() == [y for _, y in files[split]]  # cat=0, dog=1, emu=2
+        assert t.column("image").to_pylist() == [(src / split / p).read_bytes() for p, _ in files[split]]
+    assert m["splits"]["train"]["counts"] == [3, 3, 3]
+
+    fx.write(src / "test" / "bee" / "b.jpg", fx.jpeg_bytes(7))  # test images for a class left out of train
+    assert prepare("folder", "--root", src, "--out", tmp_path / "out2", "--skip-empty-classes") == 2
+    assert f"{src}/test/bee: class 'bee' has images here but none in {src}/train/bee" in capsys.readouterr().err
+    assert prepare("digits", "--out", tmp_path / "out3", "--skip-empty-classes") == 2
+    assert "--skip-empty-classes: only the folder source" in capsys.readouterr().err
+
+
+def test_rejection_reasons_are_plain_sentences(tmp_path, capsys):
+    src = tmp_path / "src"
+    fx.write(src / "cat" / "a.jpg", fx.jpeg_bytes(1))
+    bad = fx.write(src / "cat" / "b.jpg", b"these bytes are text, not a JPEG")
+    fx.write(src / "dog" / "c.png", fx.png_bytes(2))
+    out = tmp_path / "out"
+    assert prepare("folder", "--root", src, "--out", out) == 0
+    assert "rejected 1 files" in capsys.readouterr().out
+    with open(out / "rejected.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["path"], r["reason"]) for r in rows] == [
+        (str(bad), "unreadable: not an image (Pillow cannot identify its format)")]
+
+    def plain(text: str) -> bool:
+        return not any(s in text for s in ("<", ">", "object at 0x", "Error", "Traceback"))
+
+    assert prepare("folder", "--root", src, "--out", tmp_path / "strict", "--strict") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: unreadable: not an image" in err and "--strict" in err and plain(err)
+    only_bad = tmp_path / "only_bad"
+    fx.write(only_bad / "cat" / "b.jpg", bad.read_bytes())
+    assert prepare("folder", "--root", only_bad, "--out", tmp_path / "none") == 2
+    err = capsys.readouterr().err  # used to say "see the reasons above" with none above
+    assert f"all 1 files were rejected ({only_bad}/cat/b.jpg: unreadable: not an image" in err and plain(err)
+
+
+def test_root_that_is_a_file_says_so(tmp_path, capsys):
+    image = fx.write(tmp_path / "photo.jpg", fx.jpeg_bytes(3))
+    out = tmp_path / "out"
+    assert prepare("folder", "--root", image, "--out", out) == 2
+    assert f"--root {image} is a file, not a folder of class folders" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_resume_after_worker_crash_gives_identical_shards(tmp_path, monkeypatch):
     args = ["digits", "--shard-size-mb", 0.02]
     assert prepare(*args, "--out", tmp_path / "ref") == 0
@@ -232,3 +299,29 @@ def test_ray_tasks_write_the_same_shards(tmp_path):
     assert prepare("digits", "--out", tmp_path / "inline", "--shard-size-mb", 0.05) == 0
     assert shard_files(tmp_path / "ray") == shard_files(tmp_path / "inline")
     assert json.loads((tmp_path / "ray" / "manifest.json").read_text())["totals"]["rows"] == 1797
+
+
+@pytest.mark.ray
+def test_ray_mode_starts_ray_through_init_ray_with_token_auth(tmp_path):
+    """--ray starts its runtime like training does (pipelines.ray_runtime.init_ray); checked on the live runtime."""
+    ray = pytest.importorskip("ray")
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    from pipelines.ray_runtime import API_SERVER_ENV
+
+    files = fx.write_folder(tmp_path / "src", split_dirs=False)
+    bad = fx.write(tmp_path / "src" / "dog" / "bad.jpg", b"not an image")
+    paths = [p for p, _ in files["train"]]
+    assert not ray.is_initialized()
+    with Runner(1, use_ray=True, progress=False) as runner:
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+        mode, api = runner.map(os.getenv, [("RAY_AUTH_MODE",), (API_SERVER_ENV,)], [1, 1], "env")
+        assert mode == "token"  # in the Ray worker processes too
+        # init_ray's local start: the State API address it names to every process (plain ray.init sets none)
+        assert api is not None and api == os.environ[API_SERVER_ENV] and api.startswith("http://127.0.0.1:")
+        [scanned] = runner.map(scan_files, [(str(tmp_path / "src"), paths, "decode", False)], [len(paths)], "scan")
+        assert [problem for _, problem in scanned] == [None] * len(paths)
+        with pytest.raises(ValueError) as e:  # --strict in a Ray task: the file and reason, not Ray's traceback
+            runner.map(scan_files, [(str(tmp_path / "src"), ["dog/bad.jpg"], "decode", True)], [1], "scan")
+        assert str(e.value).startswith(f"{bad}: unreadable") and "ray::" not in str(e.value)
+    assert not ray.is_initialized() and API_SERVER_ENV not in os.environ

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dynloss.noise import long_tailed_counts
-from dynloss.sampling import hierarchical_sample, loss_ranks, meta_set_sizes
+from dynloss.sampling import clean_seed, hierarchical_sample, loss_ranks, meta_set_sizes
 
 
 def lt_labels(counts, seed=0):
@@ -185,3 +185,18 @@ def test_hierarchical_sample_errors():
         hierarchical_sample(labels, losses, clean_ids=[4])
     with pytest.raises(ValueError, match="per_class"):
         hierarchical_sample(labels, losses, per_class=0)
+
+
+def test_clean_seed_takes_right_labels_only_up_to_per_class_and_is_fixed_by_its_seed():
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(4), [50, 30, 6, 2])
+    given = np.where(rng.random(true.size) < 0.4, rng.integers(0, 4, true.size), true)
+    idx = clean_seed(given, true, per_class=5, seed=1)
+    assert (given[idx] == true[idx]).all()
+    right = np.bincount(given[given == true], minlength=4)
+    assert np.bincount(given[idx], minlength=4).tolist() == np.minimum(right, 5).tolist()
+    assert np.array_equal(idx, clean_seed(given, true, per_class=5, seed=1))
+    assert not np.array_equal(idx, clean_seed(given, true, per_class=5, seed=2))
+    assert clean_seed(given, np.full_like(true, -1), per_class=5).size == 0  # truth unknown: nothing is known right
+    with pytest.raises(ValueError, match="per_class"):
+        clean_seed(given, true, per_class=0)

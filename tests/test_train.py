@@ -121,14 +121,6 @@ ray = pytest.importorskip("ray")
 CORRUPT_ID = 5
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    from pipelines.ray_runtime import init_ray, shutdown_ray
-
-    init_ray(address="local", num_cpus=2)
-    yield
-    shutdown_ray()
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> str:
@@ -167,7 +159,7 @@ def mlflow_client(uri):
     return MlflowClient(uri)
 
 
-def steps(client, run_id, key) -> list[int]:
+def steps_of(client, run_id, key) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -194,9 +186,9 @@ def test_two_worker_dynamic_run_logs_to_mlflow(dynamic_run):
     assert p["loss.name"] == "dynamic" and p["scaling.num_workers"] == "2" and p["optim.lr"] == "0.05"
     for key in ("train/loss", "train/acc", "eval/top1", "eval/top5", "eval/many_shot", "eval/few_shot",
                 "eval/class/9", "data/corrupt", "time/epoch_s", "time/images_per_s"):
-        assert steps(client, result.run_id, key) == [0, 1], key
+        assert steps_of(client, result.run_id, key) == [0, 1], key
     for key in ("meta/loss", "meta/trust_clean", "meta/trust_noisy", "meta/auc"):  # after the 1 warm-up epoch
-        assert steps(client, result.run_id, key) == [1], key
+        assert steps_of(client, result.run_id, key) == [1], key
     last = run.data.metrics
     assert 0 <= last["meta/trust_noisy"] <= 1 and 0 <= last["meta/auc"] <= 1
     # the truncated image is dropped and counted every epoch; the job goes on
@@ -227,7 +219,7 @@ def test_injected_failure_resumes_from_the_last_checkpoint(dynamic_run):
     result, cfg, _ = dynamic_run
     assert os.path.exists(os.path.join(result.run_dir, ".injected_failure_epoch1"))  # the failure did happen
     client = mlflow_client(cfg.run.mlflow_uri)
-    assert steps(client, result.run_id, "train/loss") == [0, 1]  # nothing lost, nothing run twice
+    assert steps_of(client, result.run_id, "train/loss") == [0, 1]  # nothing lost, nothing run twice
     assert result.metrics["epoch"] == 1 and result.checkpoint.endswith("checkpoint_epoch0001")
     state = load_state(result.checkpoint)
     assert state["epoch"] == 1 and state["rank_table"].shape == (sum(state["extra"]["train_counts"]),)
@@ -252,6 +244,34 @@ def test_evaluate_reproduces_the_final_top1(dynamic_run, digits, tmp_path):
 
 
 @pytest.mark.ray
+def test_evaluate_refuses_what_is_not_its_checkpoint_or_its_dataset(dynamic_run, digits, tmp_path, capsys):
+    import shutil
+
+    from pipelines.evaluate import main
+
+    result, _, _ = dynamic_run
+    for change, expected in (({"classes": [f"c{i}" for i in range(10)]}, "class names differ (0: 'c0' vs '0'"),
+                             ({"image": {"mode": "RGB", "size": [8, 8]}}, "images are RGB (3 channels)"),
+                             ({"image": {"mode": "L", "size": [28, 28]}}, "images are 28x28, the checkpoint was "
+                                                                          "trained on 8x8")):
+        other = tmp_path / f"other{len(os.listdir(tmp_path))}"
+        shutil.copytree(digits, other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        (other / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        assert main(["--checkpoint", result.checkpoint, "--data", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert f"{other} does not match the checkpoint" in err and expected in err, err
+    truncated = tmp_path / "truncated"
+    shutil.copytree(result.checkpoint, truncated)
+    state = (truncated / "state.pt").read_bytes()
+    (truncated / "state.pt").write_bytes(state[: len(state) // 2])
+    assert main(["--checkpoint", str(truncated), "--data", digits]) == 2
+    assert "state.pt: unreadable" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--data", digits]) == 2
+    assert "not a dynloss checkpoint (no state.pt)" in capsys.readouterr().err
+
+
+@pytest.mark.ray
 def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monkeypatch):
     from pipelines.train import main
 
@@ -267,17 +287,62 @@ def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monke
     client = mlflow_client(raw["run"]["mlflow_uri"])
     marker = json.loads((tmp_path / "runs" / "resubmit" / "mlflow_run.json").read_text())
     assert client.get_run(marker["run_id"]).info.status == "FAILED"
-    assert steps(client, marker["run_id"], "train/loss") == [0]
+    assert steps_of(client, marker["run_id"], "train/loss") == [0]
 
     monkeypatch.delenv("DYNLOSS_FAIL_AT_EPOCH")
     assert main(["--config", str(path), "--set", "train.eval_every=2"]) == 0  # the same job, submitted again
     run = client.get_run(marker["run_id"])
     assert run.info.status == "FINISHED"
-    assert steps(client, marker["run_id"], "train/loss") == [0, 1]  # epoch 0 was not trained again
+    assert steps_of(client, marker["run_id"], "train/loss") == [0, 1]  # epoch 0 was not trained again
     assert run.data.tags.get("dynloss.changed_on_resume") == "train.eval_every"
     assert math.isfinite(run.data.metrics["eval/top1"])
     assert np.isnan(pq.read_table(tmp_path / "runs" / "resubmit" / "checkpoint_epoch0001" / "label_report.parquet")
                     .column("trust").to_numpy()).all()  # a baseline has no corrector
+
+
+@pytest.mark.ray
+def test_a_rerun_is_finished_extended_refused_or_restarted(ray_local, digits, tmp_path, capsys):
+    """Issue 9: rerunning a finished run says so at once; more epochs rebuild the schedule for the new length
+    (the saved one-cycle schedule would run the new epochs at lr ~ 0); any other change is refused with the keys;
+    --restart moves the old run aside and starts a new MLflow run."""
+    from dynloss.checkpoint import load_state
+    from pipelines.train import main
+
+    raw = base_config(digits, tmp_path, "rerun")
+    raw.update(loss={"name": "ce"}, optim={"lr": 0.05, "schedule": "onecycle"})
+    raw["train"]["epochs"] = 1
+    raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "runs" / "rerun"
+    assert main(["--config", str(path)]) == 0
+    first = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    capsys.readouterr()
+
+    started = time.perf_counter()
+    assert main(["--config", str(path)]) == 0
+    assert "already finished (epoch 1 of 1), nothing to train" in capsys.readouterr().out
+    assert time.perf_counter() - started < 30  # no Ray Train run was started
+
+    assert main(["--config", str(path), "--set", "train.epochs=2"]) == 0
+    assert "extending the run from 1 to 2 epochs" in capsys.readouterr().out
+    state = load_state(str(run_dir / "checkpoint_epoch0001"))
+    steps = state["iteration"] // 2
+    assert state["scheduler"]["total_steps"] == 2 * steps  # the schedule of the new length, not the saved one
+    client = mlflow_client(raw["run"]["mlflow_uri"])
+    assert steps_of(client, first, "train/loss") == [0, 1]  # the same MLflow run, each epoch once
+
+    assert main(["--config", str(path), "--set", "train.epochs=2", "--set", "optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.05 -> 0.1" in err and "--set run.name=NEW" in err and "--restart" in err
+
+    assert main(["--config", str(path), "--set", "train.epochs=2", "--set", "optim.lr=0.1", "--restart"]) == 0
+    out = capsys.readouterr().out
+    assert "--restart: the previous run moved to" in out
+    moved = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("rerun.restarted-")]
+    assert len(moved) == 1 and (moved[0] / "checkpoint_epoch0001").is_dir()  # kept, not deleted
+    second = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert second != first and client.get_run(second).info.status == "FINISHED"
 
 
 DRIVER_KEYS = ("train/loss", "train/acc", "meta/loss", "finetune/loss", "eval/top1", "eval/few_shot", "data/corrupt",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,9 +88,14 @@ def image_problem(data: bytes, verify: str) -> str | None:
             with Image.open(io.BytesIO(data)) as im:
                 im.draft(None, (1, 1))
                 im.load()
+    except Image.UnidentifiedImageError:  # its message names the in-memory stream, which tells the reader nothing
+        return "unreadable: not an image (Pillow cannot identify its format)"
     except Exception as e:  # noqa: BLE001  Pillow raises OSError, SyntaxError, ValueError, struct.error ... for bad files
-        return f"unreadable: {type(e).__name__}: {e}"
+        return f"unreadable: {_OBJECT_REPR.sub('', str(e)).strip() or type(e).__name__}"
     return None
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bobject at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 
 
 def scan_files(base: str, paths: list[str], verify: str, strict: bool) -> list[tuple[int, str | None]]:

@@ -278,7 +278,8 @@ def preset_errors(name: str, params: Mapping[str, Any]) -> list[str]:
     """``data.preset_params`` checked by building the preset once (a typo such as ``flipp`` is named)."""
     import inspect
 
-    from dynloss.data.transforms import PRESETS as VIEWS, build_preset
+    from dynloss.data.transforms import PRESETS as VIEWS
+    from dynloss.data.transforms import build_preset
 
     if not params:
         return []
@@ -406,7 +407,6 @@ def _path_errors(raw: Mapping) -> list[str]:
 def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     """Checks that need the prepared dataset: splits, class counts for the loss, the loss parameters."""
     from dynloss.builder import build_criterion  # the very criterion training builds
-
     from dynloss.data.transforms import SOURCE_PRESETS
 
     errors = []
@@ -438,15 +438,20 @@ def manifest_errors(cfg: Config, manifest: Mapping) -> list[str]:
     return errors
 
 
-def check_dataset(cfg: Config) -> dict:
-    """The prepared dataset's manifest, once ``manifest_errors`` finds nothing (ConfigError otherwise)."""
+def check_dataset(cfg: Config, verify: bool = False) -> dict:
+    """The prepared dataset's manifest, once ``manifest_errors`` finds nothing and every shard the run reads is
+    there at its recorded size (``verify``: and sha256); ConfigError otherwise, naming the file."""
     from dynloss.data import read_manifest
+    from dynloss.data.shards import shard_problems
 
     if not manifest_exists(cfg.data.path):
         raise ConfigError([f"data.path: no prepared dataset at {cfg.data.path!r}; run `dynloss prepare`, or "
                            "`dynloss train` with a data.prepare block (it prepares the shards)"])
     manifest = read_manifest(cfg.data.path)
     errors = manifest_errors(cfg, manifest)
+    if not errors:
+        splits = ["train", *([cfg.data.eval_split] if cfg.data.eval_split != "train" else [])]
+        errors += [f"data.path: {p}" for p in shard_problems(cfg.data.path, manifest, splits, verify)]
     if errors:
         raise ConfigError(errors)
     return manifest

@@ -75,12 +75,13 @@ def _read_marker(run_dir: str) -> dict | None:
 
 
 def start_run(uri: str, experiment: str, run_name: str, run_dir: str, params: Mapping,
-              tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
-    """(run id, resumed): reopen the job's MLflow run if ``run_dir`` names one in this store, else create it."""
+              tags: Mapping[str, str] | None = None, reopen: bool = True) -> tuple[str, bool]:
+    """(run id, resumed): reopen the job's MLflow run if ``run_dir`` names one in this store (and ``reopen``: the
+    caller continues that run's checkpoint), else create it."""
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
-    marker = _read_marker(run_dir)
+    marker = _read_marker(run_dir) if reopen else None
     if marker and marker.get("tracking_uri") == uri:
         try:
             run = client.get_run(marker["run_id"])

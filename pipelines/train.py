@@ -49,6 +49,7 @@ from dynloss.data import storage
 from dynloss.report import compare_table, final_line
 
 FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
+MIN_FREE_MB = 64  # refuse to start on a disk this full: the first checkpoint would fail after an epoch of work
 EQUAL_SPLIT = ("train",)  # lockstep DDP needs the same number of batches on every worker
 
 
@@ -125,6 +126,27 @@ def _exact_split_config(preserve_order: bool = False):
     return ExactSplit(execution_options=options)
 
 
+def _check_storage(location: str) -> None:
+    """run.storage_path can take a file (a probe is written and removed) with room to spare (local paths: at
+    least MIN_FREE_MB free), before anything trains; ConfigError naming the path otherwise."""
+    import shutil
+
+    fs, path = storage.resolve(location)
+    probe = storage.join(path, f".dynloss-write-probe-{os.getpid()}")
+    try:
+        fs.create_dir(path, recursive=True)
+        storage.write_atomic(fs, probe, b"ok")
+        storage.delete_file(fs, probe)
+    except OSError as e:
+        raise ConfigError([f"run.storage_path: cannot write checkpoints to {location} ({e}); give a writable "
+                           "folder or URI (--set run.storage_path=...)"]) from None
+    if not storage.is_uri(location):
+        free = shutil.disk_usage(path).free // (1 << 20)
+        if free < MIN_FREE_MB:
+            raise ConfigError([f"run.storage_path: {location} has {free} MB free, less than the {MIN_FREE_MB} MB a "
+                               "run's checkpoints need; free some space or point run.storage_path elsewhere"])
+
+
 def _use_gpu(setting) -> bool:
     import ray
 
@@ -134,7 +156,8 @@ def _use_gpu(setting) -> bool:
 
 
 def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = None, callbacks: Sequence = (),
-        tags: Mapping[str, str] | None = None, verbose: bool = False, restart: bool = False) -> TrainResult:
+        tags: Mapping[str, str] | None = None, verbose: bool = False, restart: bool = False,
+        verify: bool = False) -> TrainResult:
     """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint.
 
     A Tune trial (pipelines.tune) runs this same function with Tune's report callback and the MLflow tags that
@@ -152,8 +175,9 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
 
     cfg = resolve_paths(cfg)
     ensure_prepared(cfg)
-    manifest = check_dataset(cfg)
+    manifest = check_dataset(cfg, verify=verify)
     run_dir = storage.display(cfg.run.storage_path, cfg.run.name)
+    _check_storage(cfg.run.storage_path)
     if restart and (moved := resume.move_aside(run_dir)):
         print(f"[{cfg.run.name}] --restart: the previous run moved to {moved}", flush=True)
     before = resume.inspect(cfg, run_dir)
@@ -173,7 +197,8 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
     fs, run_path = storage.resolve(cfg.run.storage_path)
     fs.create_dir(storage.join(run_path, cfg.run.name), recursive=True)
     run_id, resumed = tracking.start_run(cfg.run.mlflow_uri, cfg.run.experiment, cfg.run.name, run_dir,
-                                         cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv), **(tags or {})})
+                                         cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv), **(tags or {})},
+                                         reopen=before.checkpoint is not None)  # a run with no checkpoint starts over
     print(f"[{cfg.run.name}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {cfg.run.mlflow_uri}; "
           f"{cfg.scaling.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in {run_dir}", flush=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -285,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local `ray start`, or embedded)")
     p.add_argument("--restart", action="store_true",
                    help="start run.name afresh: its previous checkpoints are moved to NAME.restarted-STAMP (not deleted)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's sha256 against the manifest before training (sizes are always checked)")
     p.add_argument("--verbose", action="store_true",
                    help="Ray Train's INFO logs on the console too (each report's metrics, checkpoint paths)")
     p.add_argument("--compare", nargs="+", metavar="LOSS",
@@ -315,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         for loss, c in configs.items():
             t0 = time.perf_counter()
             results[loss] = run(c, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None,
-                                verbose=args.verbose, restart=args.restart)
+                                verbose=args.verbose, restart=args.restart, verify=args.verify)
             seconds[loss] = time.perf_counter() - t0
     except ConfigError as e:  # found once the dataset is prepared (loss parameters, splits)
         print(f"train: invalid config {e}", file=sys.stderr)

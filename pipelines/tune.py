@@ -17,7 +17,8 @@ What it does (DESIGN.md section 5, "Tune"):
      ``TuneReportCallback`` and the tags that nest its MLflow run under the sweep's; ASHA stops weak trials
      early on the clean evaluation metric (grace period and reduction factor from the space); the searcher is
      Ray Tune's random/grid generator or Optuna's TPE; trials run concurrently as the cluster's GPUs allow
-     (one trial per ``scaling.num_workers`` GPUs; on CPUs, per ``num_workers * cpus_per_worker + data.decode_cpus``);
+     (one trial per ``scaling.num_workers`` GPUs; on CPUs, per ``num_workers * cpus_per_worker + data.decode_cpus``;
+     ``TrialSlots`` holds that count also for the trials ``--resume`` starts again);
   4. at the end the sweep's run gets ``sweep_summary.csv`` / ``.md`` (each trial's sampled values, final top-1,
      few-shot accuracy, trust separation, epochs, time), ``sweep_top1.png`` (the metric against each swept
      value) and ``best_config.yaml`` (the best trial's resolved config, which ``dynloss train --config``
@@ -25,7 +26,7 @@ What it does (DESIGN.md section 5, "Tune"):
 Trial runs stopped by ASHA end KILLED in MLflow with the tag ``dynloss.early_stopped``; errored trials FAILED.
 
 Where things go: the sweep's directory is ``run.storage_path/<sweep name>`` (default name: ``<run.name>-<space>``):
-Ray Tune's experiment state, ``train/<trial id>/`` (each trial's Train run: checkpoints, MLflow marker) and the
+Ray Tune's experiment state, ``train/<sweep name>-<trial id>/`` (each trial's Train run: checkpoints, MLflow marker) and the
 summary files. ``--resume`` (``Tuner.restore``) continues an interrupted sweep there: finished trials are kept,
 errored and unfinished ones run again from their last checkpoint, in the same MLflow runs.
 Exit status: 0 every trial ended, 1 some trial errored (``--resume`` retries it), 2 invalid config/space.

@@ -39,7 +39,7 @@ def cfg_for(data: str, **dynamic):
 
 def test_builder_makes_what_the_config_says(digits):
     cfg = validate({**cfg_for(digits).resolved(), "dynamic": {"hidden": 16, "margin_meta_lr": 0.0, "scope": "head",
-                                                               "margin_prior": "log_prior"}})
+                                                               "margin_prior": "log_prior", "warmup_epochs": 1}})
     c = build_components(cfg, read_manifest(digits), "cpu")
     assert c.dyn.corrector.embedding.weight.shape == (100, 16) and c.criterion is None
     assert [g["lr"] for g in c.meta_optimizer.param_groups] == [cfg.dynamic.meta_lr, 0.0]

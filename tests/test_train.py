@@ -16,6 +16,7 @@ Plus fast checks of the checkpoint format, the lr schedules, the shot thresholds
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -129,13 +130,18 @@ def digits(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("data") / "digits_lt")
     assert prepare.main(["digits", "--out", out, "--imbalance", "0.1", "--noise", "sym:0.3", "--workers", "1",
                          "--no-progress"]) == 0
-    # one training image truncated after prepare, as a bad disk or a partial copy would leave it
+    # one training image truncated inside an intact shard (a source image damaged before `prepare --verify none`
+    # kept it); the manifest records the shard as it now is, so only the decoder meets the damage
     shard = os.path.join(out, "train", "part-00000.parquet")
     table = pq.read_table(shard)
     images = table["image"].to_pylist()
     images[CORRUPT_ID] = images[CORRUPT_ID][:20]
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     pq.write_table(table, shard, row_group_size=1000)
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    entry["bytes"], entry["sha256"] = os.path.getsize(shard), hashlib.sha256(Path(shard).read_bytes()).hexdigest()
+    Path(out, "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
@@ -174,6 +180,31 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
     seconds = time.perf_counter() - started
     print(f"\n2-worker dynamic run: {seconds:.1f} s, final {result.metrics.get('time/images_per_s', 0):.0f} img/s")
     return result, cfg, tmp
+
+
+def test_a_truncated_shard_or_an_unwritable_storage_path_fails_before_training(digits, tmp_path, capsys):
+    import shutil
+
+    import ray
+
+    from pipelines.train import main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    raw = base_config(str(data), tmp_path, "checks")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    shard = data / "test" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:1000])  # a partial copy
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard} is 1000 bytes, the manifest says" in err and "rerun `python -m pipelines.prepare digits" in err
+    shutil.rmtree(data)
+    shutil.copytree(digits, data)
+    (tmp_path / "a_file").write_text("")
+    assert main(["--config", str(path), "--set", f"run.storage_path={tmp_path / 'a_file' / 'runs'}"]) == 2
+    assert "run.storage_path: cannot write checkpoints to" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 @pytest.mark.ray

@@ -179,6 +179,28 @@ def _split_entry(location: str, manifest: dict, split: str) -> dict:
     return manifest["splits"][split]
 
 
+def shard_problems(location: str, manifest: dict, splits, verify: bool = False) -> list[str]:
+    """What is wrong with the shards of ``splits`` against the manifest: a missing file, a size that differs
+    (a truncated or replaced shard), with ``verify`` a sha256 that differs. Stat calls only without ``verify``."""
+    fs, root = storage.resolve(location)
+    redo = manifest.get("command") or "dynloss prepare ... (the manifest's command)"
+    out = []
+    for split in splits:
+        for shard in _split_entry(location, manifest, split).get("shards", []):
+            path, shown = storage.join(root, shard["path"]), storage.display(str(location).rstrip("/"), shard["path"])
+            info = fs.get_file_info(path)
+            if info.type != storage.pafs.FileType.File:
+                problem = "is missing"
+            elif shard.get("bytes") is not None and info.size != shard["bytes"]:
+                problem = f"is {info.size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"
+            elif verify and shard.get("sha256") and sha256_file(fs, path) != shard["sha256"]:
+                problem = "does not match its sha256 in the manifest (changed since it was prepared)"
+            else:
+                continue
+            out.append(f"{shown} {problem}; rerun `{redo}` to write it again")
+    return out
+
+
 def shard_paths(location: str, split: str) -> list[str]:
     """Locations (same style as `location`: path or URI) of a split's shards, in id order (for ray.data.read_parquet)."""
     from dynloss.data.manifest import read_manifest

@@ -30,7 +30,8 @@ Resume: ``run.max_failures`` restarts a failed run from its last checkpoint; run
 MLflow run (pipelines.resume): a finished run says so and exits at once, ``--set train.epochs=N`` extends it
 with the lr schedule rebuilt for N epochs, any other change of the config is refused with the changed keys,
 ``--restart`` moves the old run aside and starts afresh. Every exit path ends the MLflow run (FINISHED, FAILED,
-KILLED on Ctrl-C). ``--verbose`` shows Ray Train's INFO logs (each report's metrics, checkpoint paths). ``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
+KILLED on Ctrl-C). ``--verbose`` lowers the console level of Ray Train's own logger (``ray.train``) to INFO.
+``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
 Exit status: 0 done, 2 invalid config (nothing started), 1 training failed.
 """
 from __future__ import annotations
@@ -161,8 +162,8 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
     """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint.
 
     A Tune trial (pipelines.tune) runs this same function with Tune's report callback and the MLflow tags that
-    make its run a child of the sweep's run (``mlflow.parentRunId``). ``verbose``: Ray Train's INFO logs (every
-    report's metrics dict, checkpoint paths) on the console too; they always go to the session's log files.
+    make its run a child of the sweep's run (``mlflow.parentRunId``). ``verbose``: the ``ray.train`` logger's INFO
+    records on the console too (they always go to the session's log files).
     A run already at ``run.storage_path/run.name`` is continued, extended, reported finished or refused as
     ``pipelines.resume`` says; ``restart`` moves it aside first."""
     import ray
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check every shard's sha256 against the manifest before training (sizes are always checked)")
     p.add_argument("--verbose", action="store_true",
-                   help="Ray Train's INFO logs on the console too (each report's metrics, checkpoint paths)")
+                   help="the ray.train logger's INFO records on the console too")
     p.add_argument("--compare", nargs="+", metavar="LOSS",
                    help="train the config once per loss (run.name gets the loss appended) and print the final "
                         "clean-test metrics side by side: --compare ce dynamic")

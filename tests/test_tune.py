@@ -66,7 +66,8 @@ def test_the_baselines_space_compares_every_robust_loss_with_the_dynamic_loss():
      ["searcher: optuna", "no grid axes or cases"]),
     ({"params": {"optim.lr": {"choice": [0.1]}}, "asha": {"grace": 2}}, ["asha: expected"]),
     ({"params": {"run.name": {"choice": ["x"]}}}, ["run.name: set by the sweep"]),
-    ({"cases": [{"loss.name": "gce", "loss.params.q": {"grid": [0.7, 0.0]}}]}, ["cases[1] (gce q=0.0)", "loss.params"]),
+    ({"cases": [{"loss.name": "gce", "dynamic.meta_lr": {"grid": [0.01, -1]}}]},
+     ["cases[1] (gce meta_lr=-1)", "dynamic.meta_lr: must be > 0"]),
     ({"params": {"optim.lr": {"choice": [0.1]}}, "sampels": 3}, ["sampels: unknown key (did you mean 'samples'?)"]),
 ])
 def test_a_bad_space_names_the_file_and_the_key(tmp_path, spec, expected):
@@ -129,6 +130,7 @@ def runs(uri):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1800)  # two Train runs; minutes on a loaded 2-core machine
 def test_asha_stops_a_useless_trial_early(ray_local, digits, tmp_path):
     from pipelines.tune import main
 
@@ -158,6 +160,7 @@ def test_asha_stops_a_useless_trial_early(ray_local, digits, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1800)  # four Train runs (two fail, two resume)
 def test_an_interrupted_sweep_resumes_into_the_same_mlflow_runs(ray_local, digits, tmp_path, monkeypatch, capsys):
     from pipelines.tune import main
 
@@ -205,6 +208,7 @@ def test_an_interrupted_sweep_resumes_into_the_same_mlflow_runs(ray_local, digit
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1800)
 def test_optuna_searches_a_continuous_range(ray_local, digits, tmp_path):
     pytest.importorskip("optuna")
     from pipelines.tune import main

@@ -77,13 +77,20 @@ def save_state(directory: str, *, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state.pt of a checkpoint directory (weights_only: tensors and plain values only)."""
-    path = os.path.join(directory, STATE)
-    if not os.path.isfile(path):
+    """The state.pt of a checkpoint directory, a local path or a URI (weights_only: tensors and plain values)."""
+    import io
+
+    from dynloss.data import storage
+
+    fs, root = storage.resolve(directory)
+    path = storage.join(root, STATE)
+    if not storage.is_file(fs, path):
         raise ValueError(f"{directory}: not a dynloss checkpoint (no {STATE}); pass a checkpoint directory such as "
                          "runs/NAME/checkpoint_epoch0009")
+    path = storage.display(str(directory).rstrip("/"), STATE)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(fs, storage.join(root, STATE))), map_location=map_location,
+                           weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
         raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]}); the file is truncated or not a "
                          "dynloss checkpoint: use another checkpoint_epochNNNN of the run") from None

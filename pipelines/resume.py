@@ -46,19 +46,14 @@ def last_checkpoint(run_dir: str) -> str | None:
 
 
 def _saved(checkpoint: str) -> dict:
-    """A checkpoint's state.pt, read wherever it lives."""
-    import io
+    """A checkpoint's state (``dynloss.checkpoint.load_state``), its problems as a ConfigError naming the way out."""
+    from dynloss.checkpoint import load_state
 
-    import torch
-
-    fs, path = storage.resolve(checkpoint)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(fs, storage.join(path, "state.pt"))), map_location="cpu",
-                           weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated or foreign file: say which and how to get out
-        raise ConfigError([f"run.name: the last checkpoint {checkpoint} is unreadable ({type(e).__name__}); "
-                           "remove that directory to resume from the one before, or --restart"]) from None
-    return state
+        return load_state(checkpoint)
+    except ValueError as e:  # truncated or foreign file
+        raise ConfigError([f"run.name: the last checkpoint of this run cannot be read ({e}); remove that directory "
+                           "to resume from the one before, or --restart"]) from None
 
 
 def inspect(cfg: Config, run_dir: str) -> Resume:

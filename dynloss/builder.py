@@ -80,7 +80,7 @@ def meta_settings(cfg: Config) -> MetaSettings:
     return MetaSettings(scope=d.scope, meta_interval=d.meta_interval, warmup_epochs=d.warmup_epochs,
                         corrector_pretrain_iters=d.corrector_pretrain_iters, mix=d.mix, finetune=d.finetune,
                         max_grad_norm=cfg.optim.max_grad_norm, warmup_loss=d.warmup_loss,
-                        pseudo_from=d.pseudo_from)
+                        pseudo_from=d.pseudo_from, meta_grad=d.meta_grad)
 
 
 def build_dynamic(cfg: Config, num_classes: int, counts) -> DynamicLoss:

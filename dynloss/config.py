@@ -92,6 +92,8 @@ class Data(Section):
     shuffle: Literal["full", "blocks", "none"] = "full"  # "none": id order every epoch (debugging, driver checks)
     decode_cpus: float = Field(1.0, gt=0)
     decode_concurrency: int | None = Field(None, ge=1)
+    cache_mb: float = Field(1024, ge=0)  # per worker: decoded ranking/eval passes kept after their first pass when
+    #                                      they fit (dynloss.data.cache); 0 re-reads the shards every epoch
     prepare: Prepare | None = None
 
     @field_validator("preset")
@@ -128,6 +130,8 @@ class Loss(Section):
 
 class Dynamic(Section):
     scope: Literal["full", "head"] = "full"
+    meta_grad: Literal["jvp", "double_backward"] = "jvp"  # scope full: exact meta-gradient at the logits with one
+    #                                                       JVP, or the authors' second-order graph (dynloss.meta)
     meta_interval: int = Field(1, ge=1)
     warmup_epochs: int = Field(5, ge=0)
     corrector_pretrain_iters: int = Field(0, ge=0)

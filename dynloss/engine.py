@@ -41,6 +41,7 @@ class MetaSettings:
     max_grad_norm: float | None = None
     warmup_loss: str = "ce"       # "ce" (authors) or "margins": CE(z + m), the generator's margins, no grad
     pseudo_from: str = "logits"   # p~ drawn from z (authors) or "adjusted": from z + m (dynloss.meta.meta_step)
+    meta_grad: str = "jvp"        # scope full: "jvp" (exact, at the logits) or "double_backward" (dynloss.meta)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches:
             out = meta_step(model, dyn, optimizer, meta_optimizer, x, y, rank_table[b["id"]], meta,
                             scope=settings.scope, mix=settings.mix, pseudo_from=settings.pseudo_from,
                             virtual_grad_hook=virtual_grad_hook, meta_grad_hook=meta_grad_hook,
-                            max_grad_norm=settings.max_grad_norm)
+                            max_grad_norm=settings.max_grad_norm, meta_grad=settings.meta_grad)
             stats.add("train/trust", out["trust"], len(y))
             if "meta/loss" in out:
                 stats.add("meta/loss", out["meta/loss"])

@@ -6,7 +6,10 @@ virtually-updated classifier on a meta batch, backpropagated into the label corr
 (phi), then the *actual* step with the updated phi.
 
 Scopes:
-  ``full``  second order through every classifier parameter (the authors' method);
+  ``full``  the meta-gradient through every classifier parameter (the authors' method). By default
+            (``meta_grad="jvp"``) it is computed exactly at the logits with one Jacobian-vector product
+            instead of a second-order graph through the network (``_jvp_meta_objective``; docs/performance.md
+            has the cost of each); ``meta_grad="double_backward"`` is the authors' way;
   ``head``  the virtual step moves only the final linear layer on detached features (the cheap variant).
 
 Departures from the authors' code, all to save work on the hot path and each a documented choice:
@@ -15,8 +18,9 @@ Departures from the authors' code, all to save work on the hot path and each a d
   * batch-norm buffers are cloned for the virtual/meta forwards, so only the actual step moves the
     running statistics (the virtual passes otherwise update them twice per iteration).
 
-DDP: ``virtual_grad_hook`` receives the virtual gradients and must return them averaged across workers
-*differentiably* (``torch.distributed.nn.functional.all_reduce``); ``meta_grad_hook`` averages phi's
+DDP: ``virtual_grad_hook`` receives the virtual gradients (and, for ``jvp``, the meta loss's gradient at
+theta') and must return them averaged across workers *differentiably*
+(``torch.distributed.nn.functional.all_reduce``); ``meta_grad_hook`` averages phi's
 gradients in place. The actual step's backward goes through whatever ``model`` is (a DDP wrapper syncs it).
 No host syncs: every returned statistic is a detached tensor.
 
@@ -28,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -36,6 +41,7 @@ from dynloss.dynamic import DynamicLoss, soft_cross_entropy
 
 SCOPES = ("full", "head")
 PSEUDO_FROM = ("logits", "adjusted")
+META_GRADS = ("jvp", "double_backward")
 GradHook = Callable[[Sequence[Tensor]], Sequence[Tensor]]
 
 
@@ -51,24 +57,58 @@ def forward_with_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return model(x, return_features=True)
 
 
+def _by_group(optimizer: torch.optim.SGD, params: Sequence[Tensor]) -> list[tuple[dict, list[int]]]:
+    """(param group, positions in ``params``) for every group that holds some of ``params``."""
+    where = {id(p): k for k, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    slots: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        slots.setdefault(where[id(p)], []).append(i)
+    return [(optimizer.param_groups[k], idx) for k, idx in slots.items()]
+
+
+def _grad_factor(optimizer: torch.optim.SGD, group: dict, p: Tensor) -> float:
+    """The factor torch SGD puts on this step's gradient inside the update direction (lr aside)."""
+    mu = group["momentum"]
+    if not mu:
+        return 1.0
+    first = optimizer.state.get(p, {}).get("momentum_buffer") is None  # torch starts the buffer at d itself
+    factor = 1.0 if first else 1.0 - group["dampening"]
+    return 1.0 + mu * factor if group["nesterov"] else factor
+
+
 def sgd_virtual_step(optimizer: torch.optim.SGD, params: Sequence[Tensor], grads: Sequence[Tensor]
                      ) -> list[Tensor]:
     """theta' = one step of ``optimizer`` (torch SGD semantics) as a differentiable function of ``grads``.
 
     Reads lr, momentum, dampening, weight decay and nesterov from each parameter's group (the current
-    scheduled lr) and its momentum buffer from the optimizer state; changes nothing.
+    scheduled lr) and its momentum buffer from the optimizer state; changes nothing. Multi-tensor
+    (``torch._foreach_*``) ops per param group: a handful of kernels, not a few per parameter.
     """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
-    for p, g in zip(params, grads):
-        grp = group_of[id(p)]
-        d = g + grp["weight_decay"] * p if grp["weight_decay"] else g
+    out: list[Tensor | None] = [None] * len(params)
+    for grp, idx in _by_group(optimizer, params):
+        ps, d = [params[i] for i in idx], [grads[i] for i in idx]
+        if grp["weight_decay"]:
+            d = torch._foreach_add(d, ps, alpha=grp["weight_decay"])
         mu = grp["momentum"]
         if mu:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            buf = d if buf is None else mu * buf + (1 - grp["dampening"]) * d
-            d = d + mu * buf if grp["nesterov"] else buf
-        out.append(p - grp["lr"] * d)
+            bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in ps]
+            if any(b is None for b in bufs):  # the first step: torch starts each buffer at d itself
+                buf = [di if b is None else mu * b + (1 - grp["dampening"]) * di for b, di in zip(bufs, d)]
+            else:
+                buf = torch._foreach_add(torch._foreach_mul(bufs, mu), d, alpha=1 - grp["dampening"])
+            d = torch._foreach_add(d, buf, alpha=mu) if grp["nesterov"] else buf
+        for i, v in zip(idx, torch._foreach_add(ps, d, alpha=-grp["lr"])):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+def effective_lrs(optimizer: torch.optim.SGD, params: Sequence[Tensor]) -> list[float]:
+    """d theta'/d g per parameter: the scheduled lr times the factor momentum's dampening and nesterov put on
+    this step's gradient (the momentum buffer and weight decay add terms that do not depend on g)."""
+    out = [0.0] * len(params)
+    for grp, idx in _by_group(optimizer, params):
+        for i in idx:
+            out[i] = grp["lr"] * _grad_factor(optimizer, grp, params[i])
     return out
 
 
@@ -82,22 +122,87 @@ class MetaBatch:
     y: Tensor
 
 
+def _lookahead_meta_loss(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD, logits: Tensor,
+                         feats: Tensor, labels: Tensor, ranks: Tensor, pseudo: Tensor, meta: MetaBatch, scope: str,
+                         virtual_grad_hook: GradHook | None) -> Tensor:
+    """Meta loss of theta'(phi) on the meta batch, differentiable in phi through the virtual step's graph."""
+    if scope == "full":
+        names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
+        v_logits = logits
+    else:
+        names, params = ("weight", "bias"), (inner.fc.weight, inner.fc.bias)
+        v_logits = F.linear(feats.detach(), *params)
+    v_loss = dyn(v_logits, labels, ranks, pseudo=pseudo).loss
+    grads = torch.autograd.grad(v_loss, params, create_graph=True, retain_graph=True)
+    if virtual_grad_hook is not None:
+        grads = virtual_grad_hook(grads)
+    new_params = dict(zip(names, sgd_virtual_step(optimizer, params, grads)))
+    if scope == "full":
+        m_logits = functional_call(inner, {**_cloned_buffers(inner), **new_params}, (meta.x,))
+    else:
+        with torch.no_grad():
+            _, m_feats = functional_call(inner, _cloned_buffers(inner), (meta.x,), {"return_features": True})
+        m_logits = F.linear(m_feats, new_params["weight"], new_params["bias"])
+    return F.cross_entropy(m_logits.float(), meta.y)
+
+
+def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD, logits: Tensor, x: Tensor,
+                        labels: Tensor, ranks: Tensor, pseudo: Tensor, meta: MetaBatch,
+                        virtual_grad_hook: GradHook | None) -> tuple[Tensor, Tensor]:
+    """(meta loss, an objective whose gradient in phi is the exact meta-gradient), without a second-order graph.
+
+    phi reaches theta' = theta - lr_eff * grad_theta L(z(theta), phi) + (terms free of phi) only through L's
+    dependence at the logits z. With g' the meta loss's gradient at theta' (one forward/backward of the meta
+    batch, no graph kept) and u = J_theta(z) (lr_eff * g') (one forward-mode pass: the logits' change along that
+    direction, batch norm in train mode on cloned buffers, as in the step), the chain rule gives
+    d meta / d phi = -grad_phi <grad_z L(z, phi), u>: a logit-level double backward, B x C numbers.
+    DDP: theta' takes the averaged virtual gradient, u the averaged g' (the same hook averages both), and
+    ``meta_grad_hook`` then averages phi's gradients: the mean meta loss's exact gradient. A model with dropout
+    would draw a new mask in the forward-mode pass (none of the registered models has dropout before ``fc``).
+    """
+    names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(dyn(logits, labels, ranks, pseudo=pseudo).loss, params, retain_graph=True)
+    if virtual_grad_hook is not None:
+        grads = [g.detach() for g in virtual_grad_hook(grads)]
+    with torch.no_grad():
+        theta1 = [t.requires_grad_() for t in sgd_virtual_step(optimizer, params, grads)]
+    m_loss = F.cross_entropy(functional_call(inner, {**_cloned_buffers(inner), **dict(zip(names, theta1))},
+                                             (meta.x,)).float(), meta.y)
+    g_meta = torch.autograd.grad(m_loss, theta1)
+    if virtual_grad_hook is not None:
+        g_meta = [g.detach() for g in virtual_grad_hook(g_meta)]
+    tangents = torch._foreach_mul(g_meta, effective_lrs(optimizer, params))
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, tangents)}
+        u = fwAD.unpack_dual(functional_call(inner, {**_cloned_buffers(inner), **duals}, (x,))).tangent
+    z = logits.detach().float().requires_grad_()
+    dz, = torch.autograd.grad(dyn(z, labels, ranks, pseudo=pseudo).loss, z, create_graph=True)
+    return m_loss, -(dz * u.float()).sum()
+
+
 def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
               meta_optimizer: torch.optim.Optimizer, x: Tensor, labels: Tensor, ranks: Tensor,
               meta: MetaBatch | None, *, scope: str = "full", mix: str = "gumbel", pseudo_from: str = "logits",
               virtual_grad_hook: GradHook | None = None, meta_grad_hook: Callable[[list[Tensor]], None] | None = None,
-              max_grad_norm: float | None = None) -> dict[str, Tensor]:
+              max_grad_norm: float | None = None, meta_grad: str = "jvp") -> dict[str, Tensor]:
     """One iteration of Algorithm 1: virtual step, meta step on ``meta`` (skipped when None), actual step.
 
     ``pseudo_from``: the pseudo-labels p~ are drawn from the plain logits z (``"logits"``, the authors') or from
     the margin-adjusted z + m (``"adjusted"``) that the loss fits, i.e. the classifier's estimate of the
     training (long-tailed) label distribution.
 
+    ``meta_grad`` (scope ``full``): ``"jvp"`` computes the exact meta-gradient at the logits with one
+    Jacobian-vector product (``_jvp_meta_objective``); ``"double_backward"`` differentiates through the
+    virtual step's whole second-order graph (the authors' way, the reference the tests compare against).
+    Both give the same gradient to float tolerance; ``head`` always differentiates through its one layer.
+
     Returns detached tensors: ``train/loss``, ``meta/loss`` (when a meta step ran), ``trust`` (B,),
     ``logits`` (B, C).
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if meta_grad not in META_GRADS:
+        raise ValueError(f"meta_grad must be one of {META_GRADS}, got {meta_grad!r}")
     if pseudo_from not in PSEUDO_FROM:
         raise ValueError(f"pseudo_from must be one of {PSEUDO_FROM}, got {pseudo_from!r}")
     inner = unwrap(model)
@@ -110,30 +215,15 @@ def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
     stats: dict[str, Tensor] = {}
 
     if meta is not None:
-        # 1. virtual step theta'(phi)
-        if scope == "full":
-            names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
-            v_logits = logits
-        else:
-            names, params = ("weight", "bias"), (inner.fc.weight, inner.fc.bias)
-            v_logits = F.linear(feats.detach(), *params)
-        v_loss = dyn(v_logits, labels, ranks, pseudo=pseudo).loss
-        grads = torch.autograd.grad(v_loss, params, create_graph=True, retain_graph=True)
-        if virtual_grad_hook is not None:
-            grads = virtual_grad_hook(grads)
-        new_params = dict(zip(names, sgd_virtual_step(optimizer, params, grads)))
-
-        # 2. meta loss of f_theta' on the meta batch, gradient into phi only
-        if scope == "full":
-            m_logits = functional_call(inner, {**_cloned_buffers(inner), **new_params}, (meta.x,))
-        else:
-            with torch.no_grad():
-                _, m_feats = functional_call(inner, _cloned_buffers(inner), (meta.x,), {"return_features": True})
-            m_logits = F.linear(m_feats, new_params["weight"], new_params["bias"])
-        m_loss = F.cross_entropy(m_logits.float(), meta.y)
         phi = [p for p in dyn.parameters() if p.requires_grad]
+        if scope == "full" and meta_grad == "jvp":
+            m_loss, objective = _jvp_meta_objective(inner, dyn, optimizer, logits, x, labels, ranks, pseudo, meta,
+                                                    virtual_grad_hook)
+        else:
+            m_loss = objective = _lookahead_meta_loss(inner, dyn, optimizer, logits, feats, labels, ranks, pseudo,
+                                                      meta, scope, virtual_grad_hook)
         meta_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(phi, torch.autograd.grad(m_loss, phi, allow_unused=True)):
+        for p, g in zip(phi, torch.autograd.grad(objective, phi, allow_unused=True)):
             p.grad = torch.zeros_like(p) if g is None else g
         if meta_grad_hook is not None:
             meta_grad_hook([p.grad for p in phi])

@@ -19,7 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "train with the Dynamic Loss or a robust loss on Ray Train (DDP, checkpoints, MLflow)",
     "tune": "Ray Tune sweep (ASHA, random/grid or Optuna) over a tune_spaces/*.yaml space, logged to MLflow",
     "evaluate": "top-1/top-5, per-class and many/medium/few-shot accuracy of a checkpoint",
-    "benchmark": "throughput benchmarks (ingest; step and scaling not built yet)",
+    "benchmark": "benchmarks that print ratios: step (meta step vs CE), ingest, epoch (Ray vs in memory), scaling",
 }
 
 

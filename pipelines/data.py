@@ -18,9 +18,9 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
 - Order: a new one every epoch, reproducible from `seed`: a full `random_shuffle` of the encoded rows
   (default; shards may be written class by class) or `randomize_block_order` (+ an optional local
   shuffle buffer at iteration) for very large data, both with RandomSeedConfig(reseed_after_execution).
-- Decode + augment: one `map_batches` decodes each image once and makes both views
-  (`dynloss.data.batches.views_from_rows`); a corrupt image is dropped and counted in the `corrupt`
-  column (see that module), which `iter_train_batches` sums per batch.
+- Decode + augment: one `map_batches` decodes each image once and makes the views asked for (a stream that
+  trains on the weak view skips the strong one; `dynloss.data.batches.views_from_rows`); a corrupt image is
+  dropped and counted in the `corrupt` column (see that module), which `iter_train_batches` sums per batch.
 
 CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit; on a small
 machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
@@ -32,7 +32,7 @@ init_ray(num_cpus=2); print(build_dataset('data/digits', 'test', preset='digits'
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ from dynloss.data.batches import (
     split_locations,
     views_from_rows,
 )
-from dynloss.data.transforms import Preset
+from dynloss.data.transforms import TRAIN_VIEWS, Preset
 
 __all__ = [
     "SHUFFLES",
@@ -131,10 +131,12 @@ def _filter_block(table: pa.Table, include_ids=None, exclude_ids=None) -> pa.Tab
 def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = True, exclude_ids=None,
                   include_ids=None, batch_size: int = 256, seed: int | None = 0, shuffle: str | None = None,
                   block_rows: int = 1024, mode: str | None = None, num_cpus: float = 1.0,
-                  concurrency: int | None = None, preset_params: Mapping | None = None) -> ray.data.Dataset:
+                  concurrency: int | None = None, preset_params: Mapping | None = None,
+                  views: Sequence[str] = TRAIN_VIEWS) -> ray.data.Dataset:
     """A Ray Dataset of decoded, augmented rows of `root/split`.
 
-    Columns: id, label, true_label (int64), weak + strong (train) or x (eval) (float32 [C,H,W]), corrupt.
+    Columns: id, label, true_label (int64), weak + strong (train; or only the ``views`` asked for) or x (eval)
+    (float32 [C,H,W]), corrupt.
     preset: a name from dynloss.data.transforms.PRESETS (decode mode from the manifest's image.mode
       unless `mode` is given; `preset_params` e.g. {"size": 299}) or a built Preset.
     exclude_ids / include_ids: numpy int array, list, or SharedIds.
@@ -174,7 +176,8 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     if shuffle == "blocks":
         ds = ds.randomize_block_order(seed=order)
-    return ds.map_batches(views_from_rows, fn_kwargs={"preset": preset, "train": train, "seed": aug_seed},
+    return ds.map_batches(views_from_rows, fn_kwargs={"preset": preset, "train": train, "seed": aug_seed,
+                                                      "views": tuple(views)},
                           batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
                           num_cpus=num_cpus, concurrency=concurrency)
 

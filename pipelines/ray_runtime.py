@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_MODES = ("token", "disabled")
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where the State API of the runtime we started is served
+DATA_LOG_ENV = "RAY_DATA_LOG_LEVEL"  # read by Ray Data in every process of the runtime
+_ENV_SET: set[str] = set()  # variables init_ray set for the runtime it started (shutdown_ray removes them)
 
 
 def token_available() -> bool:
@@ -119,8 +121,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     configure_auth(connecting)
     level = logging.getLevelName(log_level) if isinstance(log_level, str) else log_level
     kwargs = dict(logging_level=level, ignore_reinit_error=True, **init_kwargs)
-    # Ray Data logs every execution plan at INFO on the driver; keep the driver at the asked level.
-    logging.getLogger("ray.data").setLevel(level)
+    # Ray Data logs every execution ("execution finished in ...") at INFO and, in every SplitCoordinator actor
+    # (a few per epoch), that progress bars are off (they are, when the console is not a terminal): below INFO
+    # only its errors reach the console. The actors read RAY_DATA_LOG_LEVEL (a user's own setting wins).
+    data_level = "INFO" if level <= logging.INFO else "ERROR"
+    logging.getLogger("ray.data").setLevel(data_level)
+    if DATA_LOG_ENV not in os.environ:
+        os.environ[DATA_LOG_ENV] = data_level
+        _ENV_SET.add(DATA_LOG_ENV)
     if connecting:
         if num_cpus is not None or num_gpus is not None:
             log.warning("connecting to an existing Ray cluster: num_cpus=%s num_gpus=%s are ignored", num_cpus, num_gpus)
@@ -149,3 +157,17 @@ def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop(API_SERVER_ENV, None)
+    for name in _ENV_SET:
+        os.environ.pop(name, None)
+    _ENV_SET.clear()
+
+
+def quiet_train_worker_logs() -> None:
+    """In a Ray Train worker: drop Ray Train V2's INFO line per ``ray.train.report`` ("Reporting training result
+    N: TrainingReport(...)"). Its logger is named after its file, outside the ``ray.train`` hierarchy that
+    ``RunConfig(logging_config=...)`` sets, so that setting does not reach it; ``--verbose`` keeps it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from dynloss.config import Config, ConfigError, flatten
 from dynloss.data import storage
 
-RESUMABLE = ("train.epochs", "train.eval_every", "data.decode_cpus", "data.decode_concurrency", "run.")
+RESUMABLE = ("train.epochs", "train.eval_every", "data.decode_cpus", "data.decode_concurrency", "data.cache_mb", "run.")
 CHECKPOINT_PREFIX = "checkpoint_epoch"
 
 

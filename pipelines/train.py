@@ -11,7 +11,7 @@ What it does, top to bottom (DESIGN.md section 5, "Train"):
   2. connects to the cluster (``--address`` / RAY_ADDRESS / ``ray job submit``) or starts an embedded local
      runtime, token authentication on (pipelines.ray_runtime);
   3. opens (or, for a resubmitted ``run.name``, reopens) the MLflow run and logs the resolved config;
-  4. declares the Ray Data pipelines (pipelines.data: train stream with weak + strong views, the train split's
+  4. declares the Ray Data pipelines (pipelines.data: train stream with the view it trains on, the train split's
      un-augmented view for the ranking pass, the eval split) and runs a ``TorchTrainer`` (Ray Train V2):
      N workers, DDP over gloo (CPU) or NCCL (GPU), ``train_loop`` per worker;
   5. logs the final checkpoint and ``label_report.parquet`` to MLflow and prints the final metrics.
@@ -30,8 +30,11 @@ Resume: ``run.max_failures`` restarts a failed run from its last checkpoint; run
 MLflow run (pipelines.resume): a finished run says so and exits at once, ``--set train.epochs=N`` extends it
 with the lr schedule rebuilt for N epochs, any other change of the config is refused with the changed keys,
 ``--restart`` moves the old run aside and starts afresh. Every exit path ends the MLflow run (FINISHED, FAILED,
-KILLED on Ctrl-C). ``--verbose`` lowers the console level of Ray Train's own logger (``ray.train``) to INFO.
-``DYNLOSS_FAIL_AT_EPOCH=K`` makes the workers raise once at the start of epoch K (fault drills).
+KILLED on Ctrl-C). ``--verbose`` shows Ray Train's INFO logs (its per-report "Reporting training result" lines
+included); without it the console has the progress lines and the final table.
+Fault drills (``DYNLOSS_FAIL_AT_EPOCH``, docs/reliability.md): ``K`` makes every worker raise once at the start of
+epoch K; ``K:kill`` SIGKILLs the process of the last worker once, a second into epoch K; several drills are
+separated by commas (``1:kill,2``).
 Exit status: 0 done, 2 invalid config (nothing started), 1 training failed.
 """
 from __future__ import annotations
@@ -50,6 +53,8 @@ from dynloss.data import storage
 from dynloss.report import compare_table, final_line
 
 FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
+DRILLS = ("raise", "kill")
+KILL_AFTER_S = 1.0  # a ``kill`` drill lands this far into its epoch: mid-ranking-pass or mid-training
 MIN_FREE_MB = 64  # refuse to start on a disk this full: the first checkpoint would fail after an epoch of work
 EQUAL_SPLIT = ("train",)  # lockstep DDP needs the same number of batches on every worker
 
@@ -81,7 +86,8 @@ def ensure_prepared(cfg: Config) -> None:
 
 
 def build_datasets(cfg: Config, manifest: dict) -> dict:
-    """train (weak + strong views, new order every epoch), rank (train split, eval view), eval."""
+    """train (the view the config trains on, ``data.train_view``; new order every epoch), rank (train split, eval
+    view), eval. Meta batches are decoded by the workers themselves (``pipelines.train_worker``)."""
     from dynloss.data.transforms import preset_for_source
     from pipelines.data import build_dataset
 
@@ -90,7 +96,7 @@ def build_datasets(cfg: Config, manifest: dict) -> dict:
               "concurrency": cfg.data.decode_concurrency}
     return {
         "train": build_dataset(cfg.data.path, "train", train=True, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                               **common),
+                               views=(cfg.data.train_view,), **common),
         "rank": build_dataset(cfg.data.path, "train", train=False, shuffle="none", **common),
         "eval": build_dataset(cfg.data.path, cfg.data.eval_split, train=False, shuffle="none", **common),
     }
@@ -156,7 +162,7 @@ def _use_gpu(setting) -> bool:
     return bool(setting)
 
 
-def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = None, callbacks: Sequence = (),
+def run(cfg: Config, *, address: str | None = None, fail_at_epoch: str | int | None = None, callbacks: Sequence = (),
         tags: Mapping[str, str] | None = None, verbose: bool = False, restart: bool = False,
         verify: bool = False) -> TrainResult:
     """Prepare if asked, start/connect Ray, train, log; returns the final metrics and checkpoint.
@@ -165,7 +171,7 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
     make its run a child of the sweep's run (``mlflow.parentRunId``). ``verbose``: the ``ray.train`` logger's INFO
     records on the console too (they always go to the session's log files).
     A run already at ``run.storage_path/run.name`` is continued, extended, reported finished or refused as
-    ``pipelines.resume`` says; ``restart`` moves it aside first."""
+    ``pipelines.resume`` says; ``restart`` moves it aside first. ``fail_at_epoch``: fault drills (``parse_drills``)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -190,7 +196,7 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
         old_epochs, _ = before.changed["train.epochs"]
         print(f"[{cfg.run.name}] extending the run from {old_epochs} to {cfg.train.epochs} epochs: the lr schedule is "
               f"rebuilt for {cfg.train.epochs} epochs and continues after epoch {before.epoch + 1}", flush=True)
-    init_ray(address)
+    init_ray(address, log_level="INFO" if verbose else "WARNING")
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = sys.stderr.isatty()
     data_ctx.print_on_execution_start = False  # an execution plan per dataset per epoch drowns the progress lines
@@ -207,7 +213,7 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
         result = TorchTrainer(
             train_loop,
             train_loop_config={"config": cfg.resolved(), "mlflow_uri": cfg.run.mlflow_uri, "run_id": run_id,
-                               "run_dir": run_dir, "fail_at_epoch": fail_at_epoch},
+                               "run_dir": run_dir, "fail_at_epoch": fail_at_epoch, "verbose": verbose},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
@@ -231,20 +237,42 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: int | None = 
 
 
 # ------------------------------------------------------------------------------------------ per worker
+def parse_drills(spec: str | int | None) -> dict[int, str]:
+    """``"1:kill,2"`` -> {1: "kill", 2: "raise"}; a ValueError names what is wrong."""
+    drills: dict[int, str] = {}
+    for part in str(spec).split(",") if spec not in (None, "") else []:
+        epoch, _, kind = part.strip().partition(":")
+        kind = kind or "raise"
+        if not epoch.isdigit() or kind not in DRILLS:
+            raise ValueError(f"{FAIL_ENV}={spec!r}: each drill is EPOCH or EPOCH:{'|'.join(DRILLS)} "
+                             f"(e.g. 1:kill,2), got {part!r}")
+        drills[int(epoch)] = kind
+    return drills
+
+
 def _maybe_fail(loop_config: dict, epoch: int) -> None:
-    """Fault drill: raise once at the start of epoch ``fail_at_epoch`` (a marker file makes it once per run)."""
+    """Fault drills, each once per run (a marker file in the run directory): ``raise`` makes every worker raise at
+    the start of the epoch; ``kill`` arms a timer that SIGKILLs the last worker's process a moment into it."""
+    import signal
+    import threading
+
     from dynloss import distributed
 
-    if loop_config.get("fail_at_epoch") is None or epoch != int(loop_config["fail_at_epoch"]):
+    kind = parse_drills(loop_config.get("fail_at_epoch")).get(epoch)
+    if kind is None:
         return
-    marker = os.path.join(loop_config["run_dir"], f".injected_failure_epoch{epoch}")
+    marker = os.path.join(loop_config["run_dir"], f".injected_{'failure' if kind == 'raise' else 'kill'}_epoch{epoch}")
     fired = os.path.exists(marker)
-    distributed.barrier()  # every worker looks before rank 0 writes the marker: all raise, or none
+    distributed.barrier()  # every worker looks before one writes the marker: all act, or none
     if fired:
         return
-    if distributed.rank() == 0:
+    victim = distributed.world_size() - 1 if kind == "kill" else 0
+    if distributed.rank() == victim:
         open(marker, "w").close()
-    raise RuntimeError(f"{FAIL_ENV}={epoch}: injected failure at the start of epoch {epoch}")
+    if kind == "raise":
+        raise RuntimeError(f"{FAIL_ENV}={epoch}: injected failure at the start of epoch {epoch}")
+    if distributed.rank() == victim:
+        threading.Timer(KILL_AFTER_S, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -253,10 +281,13 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from pipelines.ray_runtime import quiet_train_worker_logs
     from pipelines.tracking import RunLogger
     from pipelines.train_worker import Worker
 
     cfg = Config.model_validate(loop_config["config"])
+    if not loop_config.get("verbose"):
+        quiet_train_worker_logs()
     ctx = ray.train.get_context()
     rank, epochs = ctx.get_world_rank(), cfg.train.epochs
     checkpoint = ray.train.get_checkpoint()
@@ -326,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set) + ([f"run.mlflow_uri={args.mlflow_uri}"] if args.mlflow_uri else [])
     fail_at = os.environ.get(FAIL_ENV)
     try:
+        parse_drills(fail_at)
+    except ValueError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(args.config, overrides)
         # every variant is validated before anything starts
         configs = {loss: load_config(args.config, overrides + [f"loss.name={loss}", f"run.name={cfg.run.name}-{loss}"])
@@ -342,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for loss, c in configs.items():
             t0 = time.perf_counter()
-            results[loss] = run(c, address=args.address, fail_at_epoch=int(fail_at) if fail_at else None,
+            results[loss] = run(c, address=args.address, fail_at_epoch=fail_at,
                                 verbose=args.verbose, restart=args.restart, verify=args.verify)
             seconds[loss] = time.perf_counter() - t0
     except ConfigError as e:  # found once the dataset is prepared (loss parameters, splits)

@@ -6,7 +6,9 @@ trust), the same function the Ray-free runner ``dynloss.local`` calls; the compo
 
 * ``RayData`` is the epoch's ``EpochData`` over the Ray Data shards: the ranking pass and evaluation read
   this worker's streaming-split part of the train / eval split (every row exactly once) and
-  ``dynloss.epoch`` all-gathers them, so **every worker computes the same rank table and meta set**;
+  ``dynloss.epoch`` all-gathers them, so **every worker computes the same rank table and meta set**; the
+  decoded batches of both passes are kept after their first pass when they fit ``data.cache_mb``
+  (``dynloss.data.cache``): later epochs neither read nor decode them again;
 * the meta set is left out of the epoch's training stream **on the worker side** (``dynloss.epoch.leave_out``,
   a per-batch id filter: the Ray Dataset handed to the trainer cannot change per epoch, and a ~1% filter
   costs nothing);
@@ -30,6 +32,7 @@ from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_sta
 from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
 from dynloss.data.batches import SHARD_COLUMNS, views_from_rows
+from dynloss.data.cache import PassCache
 from dynloss.epoch import TrainState, evaluate, ranking_pass, run_epoch, trust, watch_collapse
 from dynloss.schedules import fast_forward
 
@@ -61,6 +64,7 @@ class RayData:
         self.clean_meta = read_split(c.cfg.sampling.clean_meta, "train", columns=list(SHARD_COLUMNS)) \
             if c.cfg.sampling.clean_meta else None
         self.meta_rows: pa.Table | None = None
+        self.cache = PassCache(c.cfg.data.cache_mb)  # the un-augmented passes, decoded once
 
     def _shard(self, name: str, batch_size: int, epoch: int):
         import ray.train
@@ -76,8 +80,11 @@ class RayData:
             yield {"id": b["id"], "x": b[view], "label": b["label"], "corrupt": b["corrupt"]}
 
     def _plain(self, name: str, epoch: int) -> Iterator[dict]:
-        for b in self._shard(name, self.local_batch * 2, epoch):
-            yield {"id": b["id"], "x": b["x"], "label": b["label"], "true_label": b["true_label"]}
+        def decode() -> Iterator[dict]:
+            for b in self._shard(name, self.local_batch * 2, epoch):
+                yield {"id": b["id"], "x": b["x"], "label": b["label"], "true_label": b["true_label"]}
+
+        return self.cache.batches(name, decode)
 
     def rank_batches(self, epoch: int) -> Iterator[dict]:
         return self._plain("rank", epoch)
@@ -93,7 +100,7 @@ class RayData:
         return {"label": self.meta_rows["label"].to_numpy(), "true_label": self.meta_rows["true_label"].to_numpy()}
 
     def meta_batch(self, index: np.ndarray, view: str, seed: int) -> dict:
-        v = views_from_rows(self.meta_rows.take(pa.array(index)), self.c.preset, True, seed=seed)
+        v = views_from_rows(self.meta_rows.take(pa.array(index)), self.c.preset, True, seed=seed, views=(view,))
         return {"x": torch.from_numpy(v[view]), "label": torch.from_numpy(v["label"])}
 
 

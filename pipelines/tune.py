@@ -64,7 +64,7 @@ class Sweep:
     name: str
     storage_path: str           # the base config's run.storage_path (absolute or URI)
     parent_run_id: str
-    fail_at_epoch: int | None = None  # the fault drill of pipelines.train (DYNLOSS_FAIL_AT_EPOCH), per trial
+    fail_at_epoch: str | None = None  # the fault drills of pipelines.train (DYNLOSS_FAIL_AT_EPOCH), per trial
     verbose: bool = False             # Ray Train's INFO logs on the console (dynloss train --verbose)
 
     @property
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     owns_ray, parent, uri = not ray.is_initialized(), None, cfg.run.mlflow_uri
     try:
-        init_ray(args.address)
+        init_ray(args.address, log_level="INFO" if args.verbose else "WARNING")
         fs, path = storage.resolve(sweep_dir)
         fs.create_dir(path, recursive=True)
         params = {"sweep": {"config": args.config, "set": args.set, "space": space.path, "searcher": space.searcher,
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                                               tags={"dynloss.kind": "sweep", "dynloss.command": " ".join(sys.argv)})
         fail_at = os.environ.get(FAIL_ENV)
         sweep = Sweep(cfg.resolved(), args.config, space, name, storage_path, parent,
-                      int(fail_at) if fail_at else None, args.verbose)
+                      fail_at, args.verbose)
         concurrent = args.max_concurrent or max_concurrent(cfg, ray.cluster_resources())
         samples = args.samples or space.samples
         print(f"[{name}] sweep of {space.path} over {args.config} ({'resumed' if reopened else 'new'} MLflow run "

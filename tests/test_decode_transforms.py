@@ -12,7 +12,7 @@ from ingest_shards import digits, encode, write_digits
 
 from dynloss.data.batches import collate, iter_local_batches, load_split_numpy, views_from_rows
 from dynloss.data.decode import decode_batch, decode_image_bytes, mode_from_manifest
-from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, preset_for_source
+from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, preset_for_source, view_batch
 
 # torchvision 0.29 deprecates its codecs (pytest re-enables what dynloss.data.decode silences)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -93,6 +93,12 @@ def test_seed_makes_views_reproducible_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a["weak"], b["weak"]) and torch.equal(a["strong"], b["strong"])
     assert not torch.equal(a["strong"], c["strong"])
+    weak_only = make_views(images, preset, True, seed=7, views=("weak",))  # what a weak-view train stream makes
+    assert list(weak_only) == ["weak"] and torch.equal(weak_only["weak"], a["weak"])
+    strong_only = make_views(images, preset, True, seed=7, views=("strong",))  # a meta batch (dynloss.local too)
+    assert torch.equal(strong_only["strong"], view_batch(images, preset, "strong", seed=7))
+    with pytest.raises(ValueError, match="views must be a non-empty selection"):
+        make_views(images, preset, True, views=("x",))
 
 
 def test_cutout_zeroes_one_square_of_at_most_16_pixels_a_side():

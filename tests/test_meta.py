@@ -10,6 +10,7 @@ from torch.func import functional_call
 from dynloss.dynamic import DynamicLoss
 from dynloss.engine import MetaSettings, train_one_epoch
 from dynloss.meta import MetaBatch, meta_step, sgd_virtual_step
+from dynloss.models import build_model
 from dynloss.models.classifier import Classifier
 
 C = 3
@@ -64,8 +65,8 @@ def reference_meta_loss(model, dyn, lr, wd, x, y, r, xm, ym, scope):
     return F.cross_entropy(functional_call(model, new, (xm,)), ym)
 
 
-@pytest.mark.parametrize("scope", ["full", "head"])
-def test_meta_gradient_matches_finite_differences(scope):
+@pytest.mark.parametrize("scope, meta_grad", [("full", "jvp"), ("full", "double_backward"), ("head", "jvp")])
+def test_meta_gradient_matches_finite_differences(scope, meta_grad):
     model = tiny_model()
     torch.manual_seed(1)
     dyn = DynamicLoss(C).double()
@@ -90,11 +91,60 @@ def test_meta_gradient_matches_finite_differences(scope):
     before = [p[i].item() for p, i in probes]
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     meta_opt = torch.optim.SGD(dyn.parameters(), lr=1.0)  # so the change of phi is minus its gradient
-    meta_step(model, dyn, opt, meta_opt, x, y, r, MetaBatch(xm, ym), scope=scope, mix="softmax")
+    meta_step(model, dyn, opt, meta_opt, x, y, r, MetaBatch(xm, ym), scope=scope, mix="softmax", meta_grad=meta_grad)
     autograd = [before[k] - p[i].item() for k, (p, i) in enumerate(probes)]
     assert max(abs(a) for a in fd) > 1e-5, "probes must carry signal for the comparison to mean anything"
     for a, b in zip(autograd, fd):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-9)
+
+
+def _phi_step(model_state, dyn_state, meta_grad, opt_kwargs, groups, warm_steps, x, y, r, xm, ym):
+    """phi's change (= minus its meta-gradient) after one meta step from the given states."""
+    model = build_model("small_cnn", C, in_chans=1).double()
+    model.load_state_dict(model_state)
+    dyn = DynamicLoss(C, margin_prior="log_prior", class_counts=[50, 20, 5]).double()
+    dyn.load_state_dict(dyn_state)
+    head = list(model.fc.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    params = [{"params": body}, {"params": head, "lr": 0.03}] if groups else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.1, **opt_kwargs)
+    for _ in range(warm_steps):  # momentum buffers and moved BN statistics
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    before = [p.detach().clone() for p in dyn.parameters()]
+    meta_step(model, dyn, opt, torch.optim.SGD(dyn.parameters(), lr=1.0), x, y, r, MetaBatch(xm, ym),
+              mix="softmax", meta_grad=meta_grad)
+    return torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, dyn.parameters())]), model
+
+
+@pytest.mark.parametrize("opt_kwargs, groups, warm_steps", [
+    ({}, False, 0),
+    ({"momentum": 0.9, "weight_decay": 5e-4}, False, 0),
+    ({"momentum": 0.9, "weight_decay": 5e-4}, True, 2),
+    ({"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}, True, 1),
+    ({"momentum": 0.8, "dampening": 0.3}, False, 1),
+])
+def test_jvp_meta_gradient_equals_the_double_backward(opt_kwargs, groups, warm_steps):
+    """The logit-level JVP meta-gradient against the second-order graph through a conv net with batch norm:
+    SGD with and without momentum buffers, nesterov, dampening, weight decay, two param groups' lrs."""
+    torch.manual_seed(0)
+    state = build_model("small_cnn", C, in_chans=1).double().state_dict()
+    dyn = DynamicLoss(C, margin_prior="log_prior", class_counts=[50, 20, 5]).double()
+    with torch.no_grad():  # off the saturated start and off the zero last layer: every part of phi matters
+        dyn.corrector.mlp[-1].bias.fill_(0.3)
+        dyn.margins.mlp[-1].weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(4)
+    x, xm = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(6, 1, 8, 8, generator=g,
+                                                                                     dtype=torch.float64)
+    y, ym, r = torch.randint(0, C, (12,), generator=g), torch.randint(0, C, (6,), generator=g), \
+        torch.randint(0, 100, (12,), generator=g)
+    jvp, m1 = _phi_step(state, dyn.state_dict(), "jvp", opt_kwargs, groups, warm_steps, x, y, r, xm, ym)
+    ref, m2 = _phi_step(state, dyn.state_dict(), "double_backward", opt_kwargs, groups, warm_steps, x, y, r, xm, ym)
+    assert ref.abs().max() > 1e-6
+    assert torch.allclose(jvp, ref, rtol=1e-7, atol=1e-12), (jvp - ref).abs().max()
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):  # the same actual step after it
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), n
 
 
 def test_meta_update_lowers_the_meta_loss_on_a_toy_problem():

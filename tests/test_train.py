@@ -1,10 +1,10 @@
 """The Ray Train pipeline end to end on a real local Ray runtime (2 CPUs, gloo) and a real SQLite MLflow store.
 
 Three fits share one runtime and one prepared dataset (scikit-learn digits made long-tailed with 30% noise):
-  * 2 workers, Dynamic Loss, 2 epochs (CE warm-up, then meta-learning), one corrupt training image, a failure
-    injected at the start of epoch 1 (max_failures=1): finishes, resumes from the epoch-0 checkpoint (no epoch
-    lost or repeated in MLflow),
-    counts the corrupt image, logs params, metrics, plots, the label report and the checkpoint;
+  * 2 workers, Dynamic Loss, 3 epochs (CE warm-up, then meta-learning), one corrupt training image, two fault
+    drills (max_failures=2): one worker's process SIGKILLed a second into epoch 1, then every worker raising at
+    the start of epoch 2; it finishes, resumed from the last checkpoint each time (no epoch lost or repeated in
+    MLflow), counts the corrupt image, logs params, metrics, plots, the label report and the checkpoint;
     `dynloss evaluate` on that checkpoint reproduces eval/top1;
   * the same job submitted twice through the CLI: the first attempt dies at epoch 1 (max_failures=0), the
     resubmission continues from epoch 1 in the same MLflow run.
@@ -174,9 +174,11 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
     from pipelines.train import run
 
     tmp = tmp_path_factory.mktemp("dynamic")
-    cfg = validate(base_config(digits, tmp, "dyn2"))
+    raw = base_config(digits, tmp, "dyn2")
+    raw["train"]["epochs"], raw["run"]["max_failures"] = 3, 2
+    cfg = validate(raw)
     started = time.perf_counter()
-    result = run(cfg, fail_at_epoch=1)
+    result = run(cfg, fail_at_epoch="1:kill,2")
     seconds = time.perf_counter() - started
     print(f"\n2-worker dynamic run: {seconds:.1f} s, final {result.metrics.get('time/images_per_s', 0):.0f} img/s")
     return result, cfg, tmp
@@ -217,13 +219,13 @@ def test_two_worker_dynamic_run_logs_to_mlflow(dynamic_run):
     assert p["loss.name"] == "dynamic" and p["scaling.num_workers"] == "2" and p["optim.lr"] == "0.05"
     for key in ("train/loss", "train/acc", "eval/top1", "eval/top5", "eval/many_shot", "eval/few_shot",
                 "eval/class/9", "data/corrupt", "time/epoch_s", "time/images_per_s"):
-        assert steps_of(client, result.run_id, key) == [0, 1], key
+        assert steps_of(client, result.run_id, key) == [0, 1, 2], key
     for key in ("meta/loss", "meta/trust_clean", "meta/trust_noisy", "meta/auc"):  # after the 1 warm-up epoch
-        assert steps_of(client, result.run_id, key) == [1], key
+        assert steps_of(client, result.run_id, key) == [1, 2], key
     last = run.data.metrics
     assert 0 <= last["meta/trust_noisy"] <= 1 and 0 <= last["meta/auc"] <= 1
     # the truncated image is dropped and counted every epoch; the job goes on
-    assert [m.value for m in client.get_metric_history(result.run_id, "data/corrupt")] == [1.0, 1.0]
+    assert [m.value for m in client.get_metric_history(result.run_id, "data/corrupt")] == [1.0, 1.0, 1.0]
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"plots", "checkpoint", "label_report.parquet"} <= names
     assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == {"plots/margins.png",
@@ -246,14 +248,15 @@ def test_label_report_covers_every_training_sample(dynamic_run, digits):
 
 
 @pytest.mark.ray
-def test_injected_failure_resumes_from_the_last_checkpoint(dynamic_run):
+def test_a_killed_worker_and_a_raising_one_resume_from_the_last_checkpoint(dynamic_run):
     result, cfg, _ = dynamic_run
-    assert os.path.exists(os.path.join(result.run_dir, ".injected_failure_epoch1"))  # the failure did happen
+    for marker in (".injected_kill_epoch1", ".injected_failure_epoch2"):  # both faults did happen
+        assert os.path.exists(os.path.join(result.run_dir, marker)), marker
     client = mlflow_client(cfg.run.mlflow_uri)
-    assert steps_of(client, result.run_id, "train/loss") == [0, 1]  # nothing lost, nothing run twice
-    assert result.metrics["epoch"] == 1 and result.checkpoint.endswith("checkpoint_epoch0001")
+    assert steps_of(client, result.run_id, "train/loss") == [0, 1, 2]  # nothing lost, nothing run twice
+    assert result.metrics["epoch"] == 2 and result.checkpoint.endswith("checkpoint_epoch0002")
     state = load_state(result.checkpoint)
-    assert state["epoch"] == 1 and state["rank_table"].shape == (sum(state["extra"]["train_counts"]),)
+    assert state["epoch"] == 2 and state["rank_table"].shape == (sum(state["extra"]["train_counts"]),)
     assert {"config.json", "label_report.parquet", "meta.json", "per_class.json", "rng-rank0.pt", "rng-rank1.pt",
             "state.pt"} <= set(os.listdir(result.checkpoint))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ import torch
 from dynloss.data.decode import decode_batch, mode_from_manifest
 from dynloss.data.manifest import read_manifest
 from dynloss.data.shards import SCHEMA, read_split, shard_paths
-from dynloss.data.transforms import Preset, build_preset, make_views
+from dynloss.data.transforms import TRAIN_VIEWS, Preset, build_preset, make_views
 
 #: columns every shard has: id, image, label, true_label.
 SHARD_COLUMNS = tuple(SCHEMA.names)
@@ -86,10 +86,12 @@ def batch_seed(seed: int | None, ids: np.ndarray, *extra: int) -> int:
                .generate_state(1, np.uint64)[0] >> 1)
 
 
-def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed: int | None = None) -> dict[str, np.ndarray]:
+def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed: int | None = None,
+                    views: Sequence[str] = TRAIN_VIEWS) -> dict[str, np.ndarray]:
     """Decode the `image` column of shard rows once, make the views, drop and count corrupt images.
 
-    Returns numpy columns id, label, true_label, weak + strong (train) or x (eval), corrupt.
+    Returns numpy columns id, label, true_label, the train ``views`` (weak + strong by default) or x (eval),
+    corrupt.
     """
     if isinstance(rows, pa.Table):
         blobs = rows["image"].to_pylist()
@@ -100,20 +102,20 @@ def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed:
     images, ok = decode_batch(blobs, preset.mode)
     dropped = int(len(blobs) - ok.sum())
     out = {c: meta[c][ok] for c in META_COLUMNS}
-    views = make_views(images, preset, train, seed=batch_seed(seed, out["id"]))
-    out.update({k: v.numpy() for k, v in views.items()})
+    out.update({k: v.numpy() for k, v in make_views(images, preset, train, seed=batch_seed(seed, out["id"]),
+                                                    views=views).items()})
     out["corrupt"] = np.zeros(len(images), dtype=np.int64)
     if len(images):
         out["corrupt"][0] = dropped
     elif dropped:
-        out = _placeholder(preset, train, dropped)
+        out = _placeholder(preset, train, dropped, views)
     return out
 
 
-def _placeholder(preset: Preset, train: bool, dropped: int) -> dict[str, np.ndarray]:
+def _placeholder(preset: Preset, train: bool, dropped: int, views: Sequence[str]) -> dict[str, np.ndarray]:
     pixels = np.zeros((1, preset.channels, *preset.size), dtype=np.float32)
     out = {c: np.full(1, PLACEHOLDER_ID, dtype=np.int64) for c in META_COLUMNS}
-    out.update({"weak": pixels, "strong": pixels.copy()} if train else {"x": pixels})
+    out.update({v: pixels.copy() for v in views} if train else {"x": pixels})
     out["corrupt"] = np.array([dropped], dtype=np.int64)
     return out
 

@@ -254,18 +254,27 @@ def _stack(views: list[torch.Tensor], preset: Preset, which: str) -> torch.Tenso
                          f"this preset expects {preset.size} inputs (choose a preset that resizes)") from exc
 
 
-def make_views(images: Sequence[torch.Tensor], preset: Preset, train: bool, seed: int | None = None) -> dict[str, torch.Tensor]:
-    """Views of a batch of decoded uint8 CHW images, one decode shared by both train views.
+TRAIN_VIEWS = ("weak", "strong")
 
-    train=True -> {"weak": [B,C,H,W], "strong": [B,C,H,W]}; train=False -> {"x": [B,C,H,W]}; float32.
-    seed: make the augmentation reproducible (the caller's torch RNG state is left untouched).
+
+def make_views(images: Sequence[torch.Tensor], preset: Preset, train: bool, seed: int | None = None,
+               views: Sequence[str] = TRAIN_VIEWS) -> dict[str, torch.Tensor]:
+    """Views of a batch of decoded uint8 CHW images, one decode shared by the train views.
+
+    train=True -> {"weak": [B,C,H,W], "strong": [B,C,H,W]} (or only the ``views`` asked for: a stream that
+    trains on the weak view need not pay for the strong one's augmentation); train=False -> {"x": [B,C,H,W]};
+    float32. seed: make the augmentation reproducible (the caller's torch RNG state is left untouched); the
+    views draw from it in the order given, so ``views=("weak",)`` gives the weak view of the default call.
     """
+    bad = [v for v in views if v not in TRAIN_VIEWS]
+    if bad or not views:
+        raise ValueError(f"views must be a non-empty selection of {TRAIN_VIEWS}, got {tuple(views)}")
     for i, img in enumerate(images):
         if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != preset.channels:
             raise ValueError(f"image {i}: expected uint8 [{preset.channels}, H, W] for preset {preset.name!r} "
                              f"(mode {preset.mode}), got {img.dtype} {tuple(img.shape)}; decode with mode={preset.mode!r}")
     with _seeded(seed):
-        return _views(images, preset, train)
+        return _views(images, preset, train, views)
 
 
 def view_batch(images: Sequence[torch.Tensor], preset: Preset, view: str, seed: int | None = None) -> torch.Tensor:
@@ -286,13 +295,12 @@ def _seeded(seed: int | None):
         yield
 
 
-def _views(images: Sequence[torch.Tensor], preset: Preset, train: bool) -> dict[str, torch.Tensor]:
+def _views(images: Sequence[torch.Tensor], preset: Preset, train: bool, views: Sequence[str]
+           ) -> dict[str, torch.Tensor]:
     c, (h, w) = preset.channels, preset.size
     if not images:
         empty = torch.empty((0, c, h, w), dtype=torch.float32)
-        return {"weak": empty, "strong": empty.clone()} if train else {"x": empty}
+        return {v: empty.clone() for v in views} if train else {"x": empty}
     if not train:
         return {"x": _stack([preset.eval(img) for img in images], preset, "eval")}
-    weak = _stack([preset.weak(img) for img in images], preset, "weak")
-    strong = _stack([preset.strong(img) for img in images], preset, "strong")
-    return {"weak": weak, "strong": strong}
+    return {v: _stack([getattr(preset, v)(img) for img in images], preset, v) for v in views}

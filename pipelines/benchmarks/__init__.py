@@ -1,0 +1,24 @@
+"""The benchmarks behind `dynloss benchmark SUBCOMMAND`, one module each; every one prints a table of ratios
+measured in one run and can write its numbers as JSON (`--json PATH`). docs/performance.md records the figures.
+
+A new benchmark is a module here with one function decorated with @subcommand: it adds its arguments to the
+parser it is given and returns the function that runs it (exit code). Modules import Ray only inside the
+benchmarks that need it: `step` runs where torch alone is installed (a GPU image without Ray).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Runner = Callable[[argparse.Namespace], int]
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
+
+
+def subcommand(name: str, help: str):
+    """Register `configure(parser) -> run(args) -> exit code` as `benchmark NAME`."""
+
+    def register(configure: Callable[[argparse.ArgumentParser], Runner]):
+        SUBCOMMANDS[name] = (help, configure)
+        return configure
+
+    return register

@@ -1,0 +1,183 @@
+"""`dynloss benchmark ingest`: images/s per CPU core of the Ray Data path against a plain single-process loop.
+
+The Ray path is the full training ingest (read parquet + id filter + shuffle + decode + weak/strong views +
+iteration to the consumer, `pipelines.data`); the baseline a plain single-process decode + augment loop over
+the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in the same run,
+and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
+runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime of
+each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
+reported separately, not in the rate. `--jpeg N` generates N 224-px JPEGs and prepares them as shards (the
+ImageNet-style path: JPEG decode + RandomResizedCrop), instead of `--data`.
+
+Target (issue 10): the Ray path >= 0.9x the single-process loop per core, growing with cores.
+
+    python -m pipelines.prepare digits --out data/digits
+    python -m pipelines.benchmark ingest --data data/digits --split train --preset digits --epochs 2 --json ingest.json
+    python -m pipelines.benchmark ingest --jpeg 2000 --cores 1 2 --json ingest_jpeg.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+from pipelines.benchmarks import Runner, subcommand
+
+
+def _consume(batches) -> tuple[int, int]:
+    """Drain an iterator of batches as a training loop would; returns (images, corrupt)."""
+    images = corrupt = 0
+    for batch in batches:
+        images += int(batch["id"].shape[0])
+        corrupt += int(batch["corrupt"])
+    return images, corrupt
+
+
+def _timed_epochs(make_epoch: Callable[[int], object], warmup: int, epochs: int) -> dict:
+    t0 = time.perf_counter()
+    for e in range(warmup):
+        _consume(make_epoch(e))
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images = corrupt = 0
+    for e in range(warmup, warmup + epochs):
+        n, c = _consume(make_epoch(e))
+        images, corrupt = images + n, corrupt + c
+    return {"images": images, "corrupt": corrupt, "seconds": time.perf_counter() - t0, "warmup_seconds": warm}
+
+
+def generate_jpegs(out: str, n: int, size: int = 224, classes: int = 10, seed: int = 0) -> str:
+    """``n`` photo-like size x size JPEGs (smooth colour fields + noise, quality 90, ~15-25 KB) in ``classes``
+    class folders, prepared as shards by ``dynloss prepare folder``; returns the prepared folder."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import prepare
+
+    rng = np.random.default_rng(seed)
+    root = os.path.join(out, "jpeg_src")
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        folder = os.path.join(root, f"class{i % classes:02d}")
+        os.makedirs(folder, exist_ok=True)
+        a, b, c = rng.uniform(1, 6, 3)
+        base = np.stack([np.sin(a * xx + b * yy + k) for k in rng.uniform(0, 6, 3)], -1) * 80 + 128
+        pixels = np.clip(base + rng.normal(0, 12, base.shape) * c, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+    prepared = os.path.join(out, "jpeg")
+    if prepare.main(["folder", "--root", root, "--out", prepared, "--workers", "1", "--no-progress"]) != 0:
+        raise ValueError(f"could not prepare the generated JPEGs in {root}")
+    return prepared
+
+
+def _rates(r: dict) -> dict:
+    r["images_per_s"] = r["images"] / r["seconds"]
+    r["images_per_s_per_core"] = r["images_per_s"] / r["cores"]
+    return r
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if (args.data is None) == (args.jpeg is None):
+        raise ValueError("give --data DIR (prepared shards) or --jpeg N (generate N 224-px JPEGs), one of them")
+    if args.jpeg is None:
+        return _ingest(args, args.data)
+    with tempfile.TemporaryDirectory(prefix="dynloss-bench-jpeg-") as tmp:
+        return _ingest(args, generate_jpegs(tmp, args.jpeg))
+
+
+def _ingest(args: argparse.Namespace, data: str) -> int:
+    import ray
+    import torch
+
+    from dynloss.data.batches import iter_local_batches, read_rows, resolve_preset
+    from dynloss.data.manifest import read_manifest
+    from dynloss.data.transforms import preset_for_source
+    from pipelines.data import build_dataset, iter_train_batches
+    from pipelines.ray_runtime import init_ray, shutdown_ray
+
+    load_start = os.getloadavg()[0]
+    train = not args.eval
+    preset = resolve_preset(args.preset or preset_for_source(read_manifest(data).get("source", "")), data)
+    # Baseline: one process, one core (torch would otherwise spread small ops over every core).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
+    local = _timed_epochs(lambda e: iter_local_batches(data, args.split, preset, train=train, batch_size=args.batch_size,
+                                                       seed=args.seed, epoch=e, table=table), args.warmup, args.epochs)
+    torch.set_num_threads(threads)
+    local["cores"] = 1
+
+    scaling = []
+    for cores in args.cores or [None]:
+        if cores is not None:  # a fresh local runtime of that many CPUs for each point
+            shutdown_ray()
+            init_ray("local", num_cpus=cores)
+        else:
+            init_ray(args.address, num_cpus=args.num_cpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = build_dataset(data, args.split, preset=preset, train=train, batch_size=args.batch_size, seed=args.seed,
+                           shuffle=args.shuffle)
+        remote = _timed_epochs(lambda e: iter_train_batches(ds, batch_size=args.batch_size, device="cpu", epoch=e),
+                               args.warmup, args.epochs)
+        remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
+        scaling.append(_rates(remote))
+    if args.cores:
+        shutdown_ray()
+    _rates(local)
+    remote = scaling[-1]
+    result = {
+        "benchmark": "ingest", "data": "generated 224-px JPEGs" if args.jpeg else data, "images_generated": args.jpeg,
+        "split": args.split, "preset": preset.name,
+        "views": "weak+strong" if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
+        "warmup_epochs": args.warmup, "shuffle": args.shuffle or ("full" if train else "none"),
+        "single_process": local, "ray_data": remote, "ray_data_by_cores": scaling,
+        "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"],
+        "ratio_total": remote["images_per_s"] / local["images_per_s"],
+        "host_cpus": os.cpu_count(),
+        # other processes on the host compete for the same cores; a load above host_cpus deflates both rates
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+    }
+    _print_ingest(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _print_ingest(r: dict) -> None:
+    print(f"ingest: {r['data']} split={r['split']} preset={r['preset']} views={r['views']} "
+          f"batch={r['batch_size']} epochs={r['epochs']} (+{r['warmup_epochs']} warm-up) shuffle={r['shuffle']}")
+    print(f"{'path':<16}{'images':>8}{'corrupt':>9}{'seconds':>9}{'images/s':>10}{'cores':>7}{'images/s/core':>15}"
+          f"{'warm-up s':>11}")
+    rows = [("single-process", r["single_process"])] + [("ray data", x) for x in r["ray_data_by_cores"]]
+    for name, x in rows:
+        print(f"{name:<16}{x['images']:>8}{x['corrupt']:>9}{x['seconds']:>9.2f}{x['images_per_s']:>10.0f}"
+              f"{x['cores']:>7g}{x['images_per_s_per_core']:>15.0f}{x['warmup_seconds']:>11.2f}")
+    print(f"ratio ray data / single-process: per core {r['ratio_per_core']:.2f}, total {r['ratio_total']:.2f} "
+          f"(host: {r['host_cpus']} CPUs, 1-min load {r['load_average_1min']['start']:.1f} -> "
+          f"{r['load_average_1min']['end']:.1f})")
+
+
+@subcommand("ingest", help="Ray Data ingest vs a single-process decode+augment loop (images/s per core)")
+def ingest(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("--data", default=None, help="prepared folder or URI (manifest.json + split folders)")
+    parser.add_argument("--jpeg", type=int, default=None, metavar="N",
+                        help="instead of --data: generate N 224-px JPEGs, prepare them (`prepare folder`), use them")
+    parser.add_argument("--cores", type=int, nargs="+", default=None, metavar="K",
+                        help="a fresh local Ray runtime of K CPUs per value (e.g. 1 2): how the rate grows with cores")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--preset", default=None, help="augmentation preset (default: from the manifest's source)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (Ray worker start-up, imports)")
+    parser.add_argument("--eval", action="store_true", help="eval view only instead of weak + strong")
+    parser.add_argument("--shuffle", choices=["full", "blocks", "none"], default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
+    parser.add_argument("--address", default=None, help="Ray cluster to use (default: RAY_ADDRESS or a local start)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
+    return run_ingest

@@ -1,0 +1,85 @@
+"""Every `dynloss benchmark` subcommand at toy size: it runs the real path, prints its table, and its JSON parses
+with the fields docs/performance.md quotes. Nothing here asserts a time (STANDARDS: benchmarks print ratios)."""
+import json
+
+import pytest
+
+from pipelines.benchmark import main
+
+
+def test_step_benchmark_runs_each_row_in_its_own_process_and_reports_ratios(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    rows = ["CE", "full jvp k=1", "full double_backward k=1", "head k=4"]
+    assert main(["step", "--models", "small_cnn", "--rows", *rows, "--batch-size", "8", "--iters", "2",
+                 "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [r["row"] for r in report["rows"]] == rows
+    for r in report["rows"]:
+        assert r["model"] == "small_cnn" and r["device"] == "cpu" and r["input"] == [1, 28, 28]
+        assert r["seconds_per_iter"] > 0 and r["peak_memory_mb"] >= 0 and r["time_x_ce"] > 0
+        assert f"{r['seconds_per_iter'] * 1e3:.1f}" in printed
+    assert report["rows"][0]["time_x_ce"] == 1.0
+    assert report["rows"][-1]["iters"] == 4  # rounded up to whole meta-interval cycles
+
+
+def test_step_benchmark_refuses_an_unknown_model(capsys):
+    assert main(["step", "--models", "vgg7"]) == 2
+    assert "--models: unknown ['vgg7']" in capsys.readouterr().err
+
+
+def test_ingest_benchmark_reports_both_paths_and_their_ratio(ray_local, digits, tmp_path, capsys):
+    out = tmp_path / "ingest.json"
+    assert main(["ingest", "--data", digits, "--preset", "digits", "--batch-size", "64", "--epochs", "1",
+                 "--warmup", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["single_process"]["images"] == r["ray_data"]["images"] > 0  # the same rows through both paths
+    assert r["ray_data"]["corrupt"] == r["single_process"]["corrupt"] == 0
+    assert r["ratio_per_core"] == pytest.approx(r["ray_data"]["images_per_s_per_core"]
+                                                / r["single_process"]["images_per_s_per_core"])
+    assert "ratio ray data / single-process" in capsys.readouterr().out
+
+
+def test_epoch_benchmark_times_the_ray_path_and_the_in_memory_one(ray_local, digits, tmp_path, capsys):
+    out = tmp_path / "epoch.json"
+    assert main(["epoch", "--config", "pipelines/configs/digits.yaml", "--set", f"data.path={digits}",
+                 "--set", "data.prepare=null", "--set", "scaling.num_workers=1", "--losses", "ce", "--epochs", "2",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    (row,) = r["rows"]
+    for path in ("ray", "in_memory"):
+        assert len(row[path]["epoch_s"]) == 2 and all(t > 0 for t in row[path]["epoch_s"])
+        assert 0 < row[path]["top1"] <= 1
+    assert row["ratio_epoch"] == pytest.approx(row["ray"]["steady_epoch_s"] / row["in_memory"]["steady_epoch_s"])
+    assert "ray / in memory: per epoch" in capsys.readouterr().out
+
+
+def test_scaling_benchmark_world_2_equals_world_1_and_reports_throughput(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    assert main(["scaling", "--model", "small_cnn", "--batch-size", "16", "--iters", "2", "--warmup", "1",
+                 "--check-iters", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    e = r["equality"]
+    assert e["passed"] and e["iters"] == 2
+    for part in ("theta", "phi"):
+        assert e[f"{part}_max_abs_diff"] <= e[f"{part}_tolerance"] < e[f"{part}_moved"]  # moved, yet equal
+    rows = r["throughput"]["rows"]
+    assert [(x["world"], x["batch_per_worker"]) for x in rows] == [(1, 16), (2, 8)]
+    assert all(x["images_per_s"] > 0 and x["images_per_s_per_worker"] > 0 for x in rows)
+    assert r["throughput"]["ratio_per_worker"] > 0 and r["throughput"]["speedup_total"] > 0
+    assert "world 2 / world 1: per worker" in capsys.readouterr().out
+
+
+def test_ingest_benchmark_generates_and_reads_a_jpeg_set(ray_local, tmp_path):
+    out = tmp_path / "ingest_jpeg.json"
+    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "1", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["preset"] == "imagenet" and r["images_generated"] == 30
+    assert r["single_process"]["images"] == r["ray_data"]["images"] == 30 and r["ray_data"]["corrupt"] == 0
+    assert len(r["ray_data_by_cores"]) == 1
+
+
+def test_ingest_benchmark_needs_exactly_one_source(capsys):
+    assert main(["ingest"]) == 2
+    assert "give --data DIR (prepared shards) or --jpeg N" in capsys.readouterr().err

@@ -130,8 +130,9 @@ class Loss(Section):
 
 class Dynamic(Section):
     scope: Literal["full", "head"] = "full"
-    meta_grad: Literal["jvp", "double_backward"] = "jvp"  # scope full: exact meta-gradient at the logits with one
-    #                                                       JVP, or the authors' second-order graph (dynloss.meta)
+    meta_grad: Literal["jvp", "finite_difference", "double_backward"] = "jvp"  # scope full: the exact meta-gradient
+    #   at the logits with one JVP; a logit difference instead of the JVP (cheaper, approximate); or the authors'
+    #   second-order graph through the network (dynloss.meta)
     meta_interval: int = Field(1, ge=1)
     warmup_epochs: int = Field(5, ge=0)
     corrector_pretrain_iters: int = Field(0, ge=0)
@@ -212,6 +213,8 @@ class Scaling(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: float = Field(0.5, gt=0)  # the rest of a small box stays with Ray Data
+    torch_threads: int | None = Field(None, ge=1)  # torch threads per worker; None = Ray's OMP_NUM_THREADS, i.e.
+    #   floor(cpus_per_worker) (so 1 on a 2-CPU box); more lets training use cores Ray Data leaves idle
 
 
 class Run(Section):

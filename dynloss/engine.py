@@ -41,7 +41,7 @@ class MetaSettings:
     max_grad_norm: float | None = None
     warmup_loss: str = "ce"       # "ce" (authors) or "margins": CE(z + m), the generator's margins, no grad
     pseudo_from: str = "logits"   # p~ drawn from z (authors) or "adjusted": from z + m (dynloss.meta.meta_step)
-    meta_grad: str = "jvp"        # scope full: "jvp" (exact, at the logits) or "double_backward" (dynloss.meta)
+    meta_grad: str = "jvp"        # scope full: "jvp" (exact, at the logits), "finite_difference", "double_backward"
 
 
 @dataclass

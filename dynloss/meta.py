@@ -41,7 +41,7 @@ from dynloss.dynamic import DynamicLoss, soft_cross_entropy
 
 SCOPES = ("full", "head")
 PSEUDO_FROM = ("logits", "adjusted")
-META_GRADS = ("jvp", "double_backward")
+META_GRADS = ("jvp", "finite_difference", "double_backward")
 GradHook = Callable[[Sequence[Tensor]], Sequence[Tensor]]
 
 
@@ -148,7 +148,7 @@ def _lookahead_meta_loss(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.op
 
 def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD, logits: Tensor, x: Tensor,
                         labels: Tensor, ranks: Tensor, pseudo: Tensor, meta: MetaBatch,
-                        virtual_grad_hook: GradHook | None) -> tuple[Tensor, Tensor]:
+                        virtual_grad_hook: GradHook | None, exact: bool = True) -> tuple[Tensor, Tensor]:
     """(meta loss, an objective whose gradient in phi is the exact meta-gradient), without a second-order graph.
 
     phi reaches theta' = theta - lr_eff * grad_theta L(z(theta), phi) + (terms free of phi) only through L's
@@ -159,6 +159,11 @@ def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.opt
     DDP: theta' takes the averaged virtual gradient, u the averaged g' (the same hook averages both), and
     ``meta_grad_hook`` then averages phi's gradients: the mean meta loss's exact gradient. A model with dropout
     would draw a new mask in the forward-mode pass (none of the registered models has dropout before ``fc``).
+
+    ``exact=False`` (``meta_grad="finite_difference"``) replaces the forward-mode pass, which costs ~2.5 forward
+    passes, by two no-grad forwards: a central difference of the logits along lr_eff * g' (``_logit_difference``;
+    DARTS approximates its Hessian-vector product the same way). A one-sided difference over the whole virtual
+    step (one forward) was tried and is not close enough: the logits are far from linear over a step.
     """
     names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad(dyn(logits, labels, ranks, pseudo=pseudo).loss, params, retain_graph=True)
@@ -172,12 +177,32 @@ def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.opt
     if virtual_grad_hook is not None:
         g_meta = [g.detach() for g in virtual_grad_hook(g_meta)]
     tangents = torch._foreach_mul(g_meta, effective_lrs(optimizer, params))
-    with fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, tangents)}
-        u = fwAD.unpack_dual(functional_call(inner, {**_cloned_buffers(inner), **duals}, (x,))).tangent
+    if exact:
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, tangents)}
+            u = fwAD.unpack_dual(functional_call(inner, {**_cloned_buffers(inner), **duals}, (x,))).tangent
+    else:
+        u = _logit_difference(inner, names, params, tangents, x)
     z = logits.detach().float().requires_grad_()
     dz, = torch.autograd.grad(dyn(z, labels, ranks, pseudo=pseudo).loss, z, create_graph=True)
     return m_loss, -(dz * u.float()).sum()
+
+
+FD_STEP = 1e-4  # the central difference's step, as a fraction of the virtual step's move lr_eff * g'
+
+
+@torch.no_grad()
+def _logit_difference(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor], tangents: Sequence[Tensor],
+                      x: Tensor) -> Tensor:
+    """J_theta(z) tangents ~ (z(theta + h t) - z(theta - h t)) / 2h, h = FD_STEP: two no-grad forwards, batch norm in
+    train mode on cloned buffers, in float32 (under bfloat16 autocast the difference would be rounding)."""
+    base = [p.detach() for p in params]
+    x = x.to(base[0].dtype)  # the parameters' own precision (autocast off below)
+    with torch.autocast(x.device.type, enabled=False):
+        up, down = (functional_call(inner, {**_cloned_buffers(inner),
+                                            **dict(zip(names, torch._foreach_add(base, tangents, alpha=sign * FD_STEP)))},
+                                    (x,)) for sign in (1.0, -1.0))
+    return (up.float() - down.float()) / (2 * FD_STEP)
 
 
 def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
@@ -194,7 +219,8 @@ def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
     ``meta_grad`` (scope ``full``): ``"jvp"`` computes the exact meta-gradient at the logits with one
     Jacobian-vector product (``_jvp_meta_objective``); ``"double_backward"`` differentiates through the
     virtual step's whole second-order graph (the authors' way, the reference the tests compare against).
-    Both give the same gradient to float tolerance; ``head`` always differentiates through its one layer.
+    Both give the same gradient to float tolerance. ``"finite_difference"`` replaces the JVP by a difference of
+    logits (cheaper, approximate: docs/performance.md). ``head`` always differentiates through its one layer.
 
     Returns detached tensors: ``train/loss``, ``meta/loss`` (when a meta step ran), ``trust`` (B,),
     ``logits`` (B, C).
@@ -216,9 +242,9 @@ def meta_step(model: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD,
 
     if meta is not None:
         phi = [p for p in dyn.parameters() if p.requires_grad]
-        if scope == "full" and meta_grad == "jvp":
+        if scope == "full" and meta_grad != "double_backward":
             m_loss, objective = _jvp_meta_objective(inner, dyn, optimizer, logits, x, labels, ranks, pseudo, meta,
-                                                    virtual_grad_hook)
+                                                    virtual_grad_hook, exact=meta_grad == "jvp")
         else:
             m_loss = objective = _lookahead_meta_loss(inner, dyn, optimizer, logits, feats, labels, ranks, pseudo,
                                                       meta, scope, virtual_grad_hook)

@@ -279,6 +279,7 @@ def train_loop(loop_config: dict) -> None:
     """The Ray Train worker function: build (or resume), then per epoch train, evaluate, checkpoint, report."""
     import ray.train
     import ray.train.torch
+    import torch
     from ray.train import Checkpoint
 
     from pipelines.ray_runtime import quiet_train_worker_logs
@@ -288,6 +289,8 @@ def train_loop(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     if not loop_config.get("verbose"):
         quiet_train_worker_logs()
+    if cfg.scaling.torch_threads:  # Ray starts every worker at OMP_NUM_THREADS = floor(its CPUs)
+        torch.set_num_threads(cfg.scaling.torch_threads)
     ctx = ray.train.get_context()
     rank, epochs = ctx.get_world_rank(), cfg.train.epochs
     checkpoint = ray.train.get_checkpoint()

@@ -23,6 +23,15 @@ def test_step_benchmark_runs_each_row_in_its_own_process_and_reports_ratios(tmp_
     assert report["rows"][-1]["iters"] == 4  # rounded up to whole meta-interval cycles
 
 
+def test_step_benchmark_times_the_passes_of_a_step(capsys):
+    assert main(["step", "--phases", "--models", "small_cnn", "--batch-size", "8", "--repeats", "1",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    units = {line.split("  ")[1].strip(): float(line.split()[-3]) for line in lines[1:]}
+    assert set(units) == {"forward (graph kept)", "forward, no grad", "forward + backward", "forward-mode pass (JVP)"}
+    assert units["forward (graph kept)"] == 1.0 and all(u > 0 for u in units.values())
+
+
 def test_step_benchmark_refuses_an_unknown_model(capsys):
     assert main(["step", "--models", "vgg7"]) == 2
     assert "--models: unknown ['vgg7']" in capsys.readouterr().err

@@ -143,8 +143,8 @@ def resolve_preset(preset: str | Preset, root: str | None = None, mode: str | No
 def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bool = True, batch_size: int = 256,
                        seed: int = 0, epoch: int = 0, include_ids=None, exclude_ids=None, shuffle: bool = True,
                        device: torch.device | str | None = None, table: pa.Table | None = None,
-                       **preset_params) -> Iterator[dict[str, torch.Tensor]]:
-    """Single-process batches with the same keys as the Ray path (id, label, true_label, weak/strong or x,
+                       views: Sequence[str] = TRAIN_VIEWS, **preset_params) -> Iterator[dict[str, torch.Tensor]]:
+    """Single-process batches with the same keys as the Ray path (id, label, true_label, the train ``views`` or x,
     corrupt); order and augmentation seeded by (seed, epoch). `table` reuses an already read split."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -157,7 +157,7 @@ def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bo
     aug_seed = None if seed is None else batch_seed(seed, np.zeros(0, np.int64), epoch)
     for start in range(0, len(order), batch_size):
         rows = table.take(pa.array(order[start:start + batch_size]))
-        yield collate(views_from_rows(rows, preset, train, seed=aug_seed), device)
+        yield collate(views_from_rows(rows, preset, train, seed=aug_seed, views=views), device)
 
 
 def load_split_numpy(root: str, split: str, *, mode: str | None = None, include_ids=None, exclude_ids=None) -> dict:

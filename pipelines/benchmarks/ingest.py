@@ -1,6 +1,6 @@
 """`dynloss benchmark ingest`: images/s per CPU core of the Ray Data path against a plain single-process loop.
 
-The Ray path is the full training ingest (read parquet + id filter + shuffle + decode + weak/strong views +
+The Ray path is the full training ingest (read parquet + id filter + shuffle + decode + the views asked for +
 iteration to the consumer, `pipelines.data`); the baseline a plain single-process decode + augment loop over
 the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in the same run,
 and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
@@ -107,7 +107,8 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     torch.set_num_threads(1)
     table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
     local = _timed_epochs(lambda e: iter_local_batches(data, args.split, preset, train=train, batch_size=args.batch_size,
-                                                       seed=args.seed, epoch=e, table=table), args.warmup, args.epochs)
+                                                       seed=args.seed, epoch=e, table=table, views=args.views),
+                          args.warmup, args.epochs)
     torch.set_num_threads(threads)
     local["cores"] = 1
 
@@ -120,7 +121,7 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
             init_ray(args.address, num_cpus=args.num_cpus)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(data, args.split, preset=preset, train=train, batch_size=args.batch_size, seed=args.seed,
-                           shuffle=args.shuffle)
+                           shuffle=args.shuffle, views=args.views)
         remote = _timed_epochs(lambda e: iter_train_batches(ds, batch_size=args.batch_size, device="cpu", epoch=e),
                                args.warmup, args.epochs)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
@@ -132,7 +133,7 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     result = {
         "benchmark": "ingest", "data": "generated 224-px JPEGs" if args.jpeg else data, "images_generated": args.jpeg,
         "split": args.split, "preset": preset.name,
-        "views": "weak+strong" if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
+        "views": "+".join(args.views) if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
         "warmup_epochs": args.warmup, "shuffle": args.shuffle or ("full" if train else "none"),
         "single_process": local, "ray_data": remote, "ray_data_by_cores": scaling,
         "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"],
@@ -174,7 +175,9 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (Ray worker start-up, imports)")
-    parser.add_argument("--eval", action="store_true", help="eval view only instead of weak + strong")
+    parser.add_argument("--views", nargs="+", choices=["weak", "strong"], default=["weak"],
+                        help="train views to make (a config's train stream makes data.train_view only: weak)")
+    parser.add_argument("--eval", action="store_true", help="the eval view instead of train views")
     parser.add_argument("--shuffle", choices=["full", "blocks", "none"], default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")

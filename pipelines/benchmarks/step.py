@@ -3,17 +3,20 @@
 Same model, batch and device for every row; the iteration is the engine's (`dynloss.engine.train_one_epoch`
 over batches already on the device, components from `dynloss.builder.build_components`, so bfloat16
 autocast and channels_last are on exactly when `dynloss train` would turn them on). Rows: CE; the full scope
-with the JVP meta-gradient (default) and with the authors' double backward, meta interval 1 and 4; the head
+with the JVP meta-gradient (default), the finite-difference option and the authors' double backward, meta
+interval 1 and 4; the head
 scope, interval 1 and 4. With interval k a meta step runs on every k-th iteration and the time is the mean
 over a multiple of k iterations. Each row runs in a fresh process (spawned) so that one row's allocator state
 does not inflate the next: peak memory is `torch.cuda.max_memory_allocated` on a GPU and the growth of the
-process's peak RSS over its state before the first step on a CPU.
+process's peak RSS over its resident size before the first step on a CPU (malloc keeps freed memory, so on a
+CPU this is an upper bound of the step's working set).
 
 Targets (issue 10, ResNet-32): full <= 3.5x CE, full with interval 4 <= 1.7x, head with interval 4 <= 1.3x.
 
     python -m pipelines.benchmark step                                   # small_cnn + resnet32 (+ resnet50 on a GPU)
     python -m pipelines.benchmark step --models resnet32 --batch-size 128 --iters 8 --json step.json
     python -m pipelines.benchmark step --models resnet32 --profile full  # torch.profiler table of one row
+    python -m pipelines.benchmark step --models resnet32 --phases        # each pass of a step timed alone
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ class Row:
         return f"{self.scope}{grad} k={self.interval}"
 
 
-ROWS = [Row("ce"), Row("dynamic", "full", "jvp", 1), Row("dynamic", "full", "double_backward", 1),
+ROWS = [Row("ce"), Row("dynamic", "full", "jvp", 1), Row("dynamic", "full", "finite_difference", 1),
+        Row("dynamic", "full", "double_backward", 1),
         Row("dynamic", "full", "jvp", 4), Row("dynamic", "head", "jvp", 1), Row("dynamic", "head", "jvp", 4)]
 
 
@@ -117,14 +121,16 @@ def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: s
 
     cuda = c.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # the optimizers' state (momentum, Adam moments) and the first-call costs come before the baseline
-    run(n_warm)
+    # the baseline is the state before the first step: the peak counts what training adds to it (activations,
+    # gradients, the optimizers' state), as a fresh process running only this step would see it
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+    run(n_warm)
+    sync()
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -169,6 +175,9 @@ def run_step(args: argparse.Namespace) -> int:
         raise ValueError(f"--models: unknown {unknown}; known: {sorted(INPUTS)}")
     rows = [r for r in ROWS if args.rows is None or r.label in args.rows]
     threads = torch.get_num_threads()
+    if args.phases:
+        print_phases(phases(models[0], args.batch_size, device, args.repeats))
+        return 0
     if args.profile:
         row = next(r for r in ROWS if r.loss == "dynamic" and r.scope == args.profile)
         measure(models[0], row, args.batch_size, args.iters, args.warmup, device, args.seed, profile=True)
@@ -192,6 +201,62 @@ def run_step(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def phases(model: str, batch: int, device: str, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds of the passes a full-scope step is made of, each timed alone (fastest of ``repeats``) on the
+    model in train mode: where the step's time goes, in units of a forward pass."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from dynloss.data.batches import resolve_preset
+    from dynloss.models import build_model
+
+    preset = resolve_preset(INPUTS[model][0], mode=INPUTS[model][1])
+    c = build_model(model, NUM_CLASSES, in_chans=preset.channels).to(device)
+    x = torch.randn(batch, preset.channels, *preset.size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    params = dict(c.named_parameters())
+    tangents = {n: torch.randn_like(t) for n, t in params.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def buffers():
+        return {n: b.clone() for n, b in c.named_buffers()}
+
+    def forward_mode():
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(t.detach(), tangents[n]) for n, t in params.items()}
+            fwAD.unpack_dual(functional_call(c, {**buffers(), **duals}, (x,))).tangent
+
+    def no_grad_forward():
+        with torch.no_grad():
+            c(x)
+
+    def forward_backward():
+        F.cross_entropy(c(x), y).backward()
+
+    out = {}
+    for name, fn in (("forward (graph kept)", lambda: c(x)), ("forward, no grad", no_grad_forward),
+                     ("forward + backward", forward_backward), ("forward-mode pass (JVP)", forward_mode)):
+        fn()
+        times = []
+        for _ in range(max(repeats, 1)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times) * 1e3
+    return {"model": model, "batch_size": batch, "device": device, "ms": out}
+
+
+def print_phases(r: dict) -> None:
+    unit = r["ms"]["forward (graph kept)"]
+    print(f"phases of a step: {r['model']}, batch {r['batch_size']}, {r['device']} (train mode, each alone)")
+    for name, ms in r["ms"].items():
+        print(f"  {name:<26}{ms:>9.1f} ms  {ms / unit:>5.2f} forward units")
 
 
 def _device_name(device: str) -> str:
@@ -219,13 +284,13 @@ def _with_ratios(results: list[dict]) -> list[dict]:
 def print_step(report: dict) -> None:
     print(f"step: {report['device']}, torch {report['torch']}, batch {report['batch_size']}, "
           f"1-min load {report['load_average_1min']:.1f} on {report['host_cpus']} CPUs")
-    print(f"{'model':<11}{'row':<26}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'amp':>6}  target")
+    print(f"{'model':<11}{'row':<30}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'amp':>6}  target")
     for r in report["rows"]:
         t = f"{r['time_x_ce']:.2f}" if r["time_x_ce"] is not None else "-"
         m = f"{r['memory_x_ce']:.2f}" if r["memory_x_ce"] is not None else "-"
         target = "" if r["target_x_ce"] is None else \
             f"<= {r['target_x_ce']}x: {'met' if r['target_met'] else 'NOT met'}"
-        print(f"{r['model']:<11}{r['row']:<26}{r['seconds_per_iter'] * 1e3:>9.1f}{t:>7}{r['peak_memory_mb']:>9.0f}"
+        print(f"{r['model']:<11}{r['row']:<30}{r['seconds_per_iter'] * 1e3:>9.1f}{t:>7}{r['peak_memory_mb']:>9.0f}"
               f"{m:>7}{r['amp']:>6}  {target}")
 
 
@@ -244,6 +309,8 @@ def step(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", choices=["full", "head"], default=None,
                         help="print a torch.profiler table of that scope's step on the first model instead")
+    parser.add_argument("--phases", action="store_true",
+                        help="time the passes a step is made of (forward, backward, forward-mode) on the first model")
     parser.add_argument("--in-process", action="store_true",
                         help="measure every row in this process (quicker; memory figures then carry over)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")

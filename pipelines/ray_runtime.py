@@ -51,6 +51,7 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_MODES = ("token", "disabled")
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where the State API of the runtime we started is served
 DATA_LOG_ENV = "RAY_DATA_LOG_LEVEL"  # read by Ray Data in every process of the runtime
+WARNINGS_ENV = "PYTHONWARNINGS"  # read by every Python process the runtime starts
 _ENV_SET: set[str] = set()  # variables init_ray set for the runtime it started (shutdown_ray removes them)
 
 
@@ -124,11 +125,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # Ray Data logs every execution ("execution finished in ...") at INFO and, in every SplitCoordinator actor
     # (a few per epoch), that progress bars are off (they are, when the console is not a terminal): below INFO
     # only its errors reach the console. The actors read RAY_DATA_LOG_LEVEL (a user's own setting wins).
+    # Ray's own deprecation warnings (e.g. Ray Train's DataConfig setting ExecutionOptions.exclude_resources in
+    # every DatasetManager) are for Ray's developers: off in the runtime's processes unless verbose.
     data_level = "INFO" if level <= logging.INFO else "ERROR"
     logging.getLogger("ray.data").setLevel(data_level)
-    if DATA_LOG_ENV not in os.environ:
-        os.environ[DATA_LOG_ENV] = data_level
-        _ENV_SET.add(DATA_LOG_ENV)
+    quiet_env = {DATA_LOG_ENV: data_level}
+    if level > logging.INFO:
+        quiet_env[WARNINGS_ENV] = "ignore::DeprecationWarning"
+    for name, value in quiet_env.items():
+        if name not in os.environ:  # a user's own setting wins
+            os.environ[name] = value
+            _ENV_SET.add(name)
     if connecting:
         if num_cpus is not None or num_gpus is not None:
             log.warning("connecting to an existing Ray cluster: num_cpus=%s num_gpus=%s are ignored", num_cpus, num_gpus)

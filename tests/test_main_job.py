@@ -35,7 +35,8 @@ def test_readme_main_command_prints_the_three_losses_side_by_side(tmp_path):
     # (pipelines.ray_runtime starts the runtime with the State API it needs)
     assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     # nor Ray Train's line per report, nor Ray Data's per-dataset lines (--verbose brings them back)
-    for internal in ("Reporting training result", "TrainingReport(", "execution finished in", "Progress bars disabled"):
+    for internal in ("Reporting training result", "TrainingReport(", "execution finished in", "Progress bars disabled",
+                     "exclude_resources"):
         assert internal not in proc.stdout + proc.stderr, internal
     table = proc.stdout[proc.stdout.index("clean-test results"):]
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(ce|logit_adjusted|dynamic)\s+([0-9.]+)", table,

@@ -184,11 +184,12 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
     return result, cfg, tmp
 
 
-def test_a_truncated_shard_or_an_unwritable_storage_path_fails_before_training(digits, tmp_path, capsys):
+def test_a_truncated_shard_or_an_unwritable_storage_path_fails_before_training(digits, tmp_path, capsys, monkeypatch):
     import shutil
 
     import ray
 
+    from pipelines import train
     from pipelines.train import main
 
     data = tmp_path / "data"
@@ -206,6 +207,10 @@ def test_a_truncated_shard_or_an_unwritable_storage_path_fails_before_training(d
     (tmp_path / "a_file").write_text("")
     assert main(["--config", str(path), "--set", f"run.storage_path={tmp_path / 'a_file' / 'runs'}"]) == 2
     assert "run.storage_path: cannot write checkpoints to" in capsys.readouterr().err
+    # a disk this full (the real free space, a threshold above it): refused before training, not at the checkpoint
+    monkeypatch.setattr(train, "MIN_FREE_MB", shutil.disk_usage(tmp_path).free // (1 << 20) + (1 << 30))
+    assert main(["--config", str(path)]) == 2
+    assert "MB free, less than the" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 

@@ -8,7 +8,8 @@ augmentation), so the ratio is what the Ray path costs on the same cores. Every 
 moments rank 0 logged consecutive epochs to MLflow (checkpointing included), in memory the time between
 consecutive epoch ends; the first epoch carries start-up (Ray, workers, datasets) and the last one the Ray path's
 label report (a pass over the train split) and final checkpoint: the per-epoch figure is the mean of the epochs
-between them (hence 4 epochs by default), both are in the whole-process time. The Dynamic Loss gets one warm-up epoch so that the later ones are meta epochs.
+between them (hence 4 epochs by default), both are in the whole-process time. The Dynamic Loss gets one warm-up
+epoch so that the later ones are meta epochs.
 
 Target (issue 10): the Ray path <= 1.5x the in-memory time per epoch.
 
@@ -18,6 +19,7 @@ Target (issue 10): the Ray path <= 1.5x the in-memory time per epoch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -64,7 +66,7 @@ def time_ray(cfg, address: str | None) -> dict:
     history = sorted(MlflowClient(cfg.run.mlflow_uri).get_metric_history(res.run_id, "train/loss"),
                      key=lambda m: m.step)
     stamps = [m.timestamp / 1000 for m in history]
-    epoch_s = [whole - (stamps[-1] - stamps[0])] + [b - a for a, b in zip(stamps, stamps[1:])]
+    epoch_s = [whole - (stamps[-1] - stamps[0])] + [b - a for a, b in itertools.pairwise(stamps)]
     return {"whole_s": whole, "epoch_s": epoch_s, "steady_epoch_s": _steady(epoch_s),
             "top1": res.metrics.get("eval/top1")}
 

@@ -122,7 +122,8 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(data, args.split, preset=preset, train=train, batch_size=args.batch_size, seed=args.seed,
                            shuffle=args.shuffle, views=args.views)
-        remote = _timed_epochs(lambda e: iter_train_batches(ds, batch_size=args.batch_size, device="cpu", epoch=e),
+        remote = _timed_epochs(lambda e, ds=ds: iter_train_batches(ds, batch_size=args.batch_size, device="cpu",
+                                                                   epoch=e),
                                args.warmup, args.epochs)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
         scaling.append(_rates(remote))

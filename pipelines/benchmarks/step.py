@@ -89,7 +89,7 @@ def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: s
     from dynloss.builder import build_components
     from dynloss.engine import train_one_epoch
 
-    preset, mode = INPUTS[model]
+    mode = INPUTS[model][1]
     cfg = _config(model, row, batch)
     counts = [int(1000 * 0.1 ** (c / (NUM_CLASSES - 1))) for c in range(NUM_CLASSES)]  # long-tailed, imbalance 0.1
     manifest = {"source": "synthetic", "num_classes": NUM_CLASSES, "image": {"mode": mode},
@@ -132,7 +132,8 @@ def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: s
     run(n_warm)
     sync()
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with torch_profile(activities=acts) as prof:
@@ -228,7 +229,7 @@ def phases(model: str, batch: int, device: str, repeats: int = 3) -> dict[str, f
     def forward_mode():
         with fwAD.dual_level():
             duals = {n: fwAD.make_dual(t.detach(), tangents[n]) for n, t in params.items()}
-            fwAD.unpack_dual(functional_call(c, {**buffers(), **duals}, (x,))).tangent
+            return fwAD.unpack_dual(functional_call(c, {**buffers(), **duals}, (x,))).tangent
 
     def no_grad_forward():
         with torch.no_grad():

@@ -122,12 +122,17 @@ class MetaBatch:
     y: Tensor
 
 
+def _trainable(inner: nn.Module) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """(names, parameters) of every parameter the classifier trains: what the full scope's virtual step moves."""
+    return tuple(zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad]))  # type: ignore[return-value]
+
+
 def _lookahead_meta_loss(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.optim.SGD, logits: Tensor,
                          feats: Tensor, labels: Tensor, ranks: Tensor, pseudo: Tensor, meta: MetaBatch, scope: str,
                          virtual_grad_hook: GradHook | None) -> Tensor:
     """Meta loss of theta'(phi) on the meta batch, differentiable in phi through the virtual step's graph."""
     if scope == "full":
-        names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
+        names, params = _trainable(inner)
         v_logits = logits
     else:
         names, params = ("weight", "bias"), (inner.fc.weight, inner.fc.bias)
@@ -165,7 +170,7 @@ def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.opt
     DARTS approximates its Hessian-vector product the same way). A one-sided difference over the whole virtual
     step (one forward) was tried and is not close enough: the logits are far from linear over a step.
     """
-    names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
+    names, params = _trainable(inner)
     grads = torch.autograd.grad(dyn(logits, labels, ranks, pseudo=pseudo).loss, params, retain_graph=True)
     if virtual_grad_hook is not None:
         grads = [g.detach() for g in virtual_grad_hook(grads)]

@@ -8,6 +8,7 @@ benchmarks that need it: `step` runs where torch alone is installed (a GPU image
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 
 Runner = Callable[[argparse.Namespace], int]
@@ -22,3 +23,22 @@ def subcommand(name: str, help: str):
         return configure
 
     return register
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's architecture, for a report's header."""
+    import platform
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def emit(report: dict, printer: Callable[[dict], None], json_path: str | None) -> None:
+    """Print a benchmark's table, and write its numbers to ``json_path`` when one is given (``--json``)."""
+    printer(report)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)

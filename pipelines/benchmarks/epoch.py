@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
 
-from pipelines.benchmarks import Runner, subcommand
+from pipelines.benchmarks import Runner, emit, subcommand
 
 TARGET = 1.5
 
@@ -100,10 +99,7 @@ def run_epoch_benchmark(args: argparse.Namespace) -> int:
               "device": device, "workers": configs[args.losses[0]].scaling.num_workers,
               "host_cpus": os.cpu_count(), "target_ratio_epoch": TARGET, "rows": rows,
               "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}
-    print_epoch(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, print_epoch, args.json)
     return 0
 
 

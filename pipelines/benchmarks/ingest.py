@@ -18,12 +18,11 @@ Target (issue 10): the Ray path >= 0.9x the single-process loop per core, growin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
 
-from pipelines.benchmarks import Runner, subcommand
+from pipelines.benchmarks import Runner, emit, subcommand
 
 
 def _consume(batches) -> tuple[int, int]:
@@ -143,10 +142,7 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         # other processes on the host compete for the same cores; a load above host_cpus deflates both rates
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
     }
-    _print_ingest(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, _print_ingest, args.json)
     return 0
 
 

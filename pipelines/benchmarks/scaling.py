@@ -22,31 +22,20 @@ from `dynloss.builder.build_components`, the iteration is `dynloss.engine.train_
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
 import tempfile
 import time
 
-from pipelines.benchmarks import Runner, subcommand
-from pipelines.benchmarks.step import INPUTS, NUM_CLASSES
+from pipelines.benchmarks import Runner, device_name, emit, subcommand
+from pipelines.benchmarks.step import INPUTS, NUM_CLASSES, synthetic_components
 
 RTOL = 1e-4  # of max |theta| (|phi|): the equality tolerance
 
 
 def _components(o: dict, world: int, rank: int, mix: str, amp: str):
-    from dynloss.builder import build_components
-    from dynloss.config import Config
-
-    raw = {"data": {"path": "synthetic", "preset": INPUTS[o["model"]][0]}, "model": {"name": o["model"]},
-           "loss": {"name": "dynamic"}, "train": {"batch_size": o["batch"], "epochs": 1, "amp": amp},
-           "dynamic": {"scope": "full", "meta_grad": "jvp", "warmup_epochs": 0, "mix": mix,
-                       "margin_prior": "log_prior"}}
-    counts = [int(1000 * 0.1 ** (c / (NUM_CLASSES - 1))) for c in range(NUM_CLASSES)]  # long-tailed
-    manifest = {"source": "synthetic", "num_classes": NUM_CLASSES, "image": {"mode": INPUTS[o["model"]][1]},
-                "splits": {"train": {"rows": o["batch"] * 8, "counts": counts}}}
-    return build_components(Config.model_validate(raw), manifest, o["device"], world=world, rank=rank)
+    return synthetic_components(o["model"], o["batch"], o["device"], dynamic={"scope": "full", "meta_grad": "jvp",
+                                "mix": mix}, train={"amp": amp}, world=world, rank=rank)
 
 
 def _data(c, o: dict, n: int, world: int, rank: int):
@@ -191,7 +180,7 @@ def run_scaling(args: argparse.Namespace) -> int:
         total = args.batch_size / t["seconds_per_iter"]
         rows.append({"world": w, "batch_per_worker": args.batch_size // w, "threads": o["threads"][w], **t,
                      "images_per_s": total, "images_per_s_per_worker": total / w})
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    name = device_name(device)
     report = {"benchmark": "scaling", "model": args.model, "device": name, "backend": backend,
               "torch": torch.__version__, "batch_size": args.batch_size, "host_cpus": cores,
               "load_average_1min": os.getloadavg()[0],
@@ -199,10 +188,7 @@ def run_scaling(args: argparse.Namespace) -> int:
               "throughput": {"iters": args.iters, "warmup": args.warmup, "mix": "gumbel", "rows": rows,
                              "ratio_per_worker": rows[1]["images_per_s_per_worker"] / rows[0]["images_per_s_per_worker"],
                              "speedup_total": rows[1]["images_per_s"] / rows[0]["images_per_s"]}}
-    print_scaling(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, print_scaling, args.json)
     return 0 if report["equality"]["passed"] else 1
 
 

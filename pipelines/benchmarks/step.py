@@ -21,14 +21,13 @@ Targets (issue 10, ResNet-32): full <= 3.5x CE, full with interval 4 <= 1.7x, he
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
 import time
 from dataclasses import asdict, dataclass
 
-from pipelines.benchmarks import Runner, subcommand
+from pipelines.benchmarks import Runner, device_name, emit, subcommand
 
 INPUTS = {  # model -> (augmentation preset, image mode): the preset gives the input size, the mode the channels
     "small_cnn": ("fashion-mnist", "L"),
@@ -59,17 +58,22 @@ ROWS = [Row("ce"), Row("dynamic", "full", "jvp", 1), Row("dynamic", "full", "fin
         Row("dynamic", "full", "jvp", 4), Row("dynamic", "head", "jvp", 1), Row("dynamic", "head", "jvp", 4)]
 
 
-def _config(model: str, row: Row, batch: int):
+def synthetic_components(model: str, batch: int, device: str, *, loss: str = "dynamic", dynamic: dict | None = None,
+                         train: dict | None = None, rows: int | None = None, world: int = 1, rank: int = 0):
+    """``dynloss.builder.build_components`` for a synthetic long-tailed (imbalance 0.1) 10-class dataset of
+    ``INPUTS[model]``'s images: what `step` and `scaling` time, without reading any data. The Dynamic Loss starts
+    at its meta phase (no warm-up) with margins at the log prior; ``dynamic`` and ``train`` add config keys."""
+    from dynloss.builder import build_components
     from dynloss.config import Config
 
-    preset = INPUTS[model][0]
-    raw = {"data": {"path": "synthetic", "preset": preset}, "model": {"name": model},
-           "loss": {"name": "dynamic" if row.loss == "dynamic" else "ce"},
-           "dynamic": {"scope": row.scope if row.loss == "dynamic" else "full",
-                       "meta_grad": row.meta_grad if row.meta_grad != "-" else "jvp",
-                       "meta_interval": row.interval, "warmup_epochs": 0, "margin_prior": "log_prior"},
-           "train": {"batch_size": batch, "epochs": 1}}
-    return Config.model_validate(raw)
+    preset, mode = INPUTS[model]
+    raw = {"data": {"path": "synthetic", "preset": preset}, "model": {"name": model}, "loss": {"name": loss},
+           "dynamic": {"warmup_epochs": 0, "margin_prior": "log_prior", **(dynamic or {})},
+           "train": {"batch_size": batch, "epochs": 1, **(train or {})}}
+    counts = [int(1000 * 0.1 ** (c / (NUM_CLASSES - 1))) for c in range(NUM_CLASSES)]
+    manifest = {"source": "synthetic", "num_classes": NUM_CLASSES, "image": {"mode": mode},
+                "splits": {"train": {"rows": rows or batch * 8, "counts": counts}}}
+    return build_components(Config.model_validate(raw), manifest, device, world=world, rank=rank)
 
 
 def _rss_bytes() -> int:
@@ -86,15 +90,12 @@ def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: s
 
     import torch
 
-    from dynloss.builder import build_components
     from dynloss.engine import train_one_epoch
 
-    mode = INPUTS[model][1]
-    cfg = _config(model, row, batch)
-    counts = [int(1000 * 0.1 ** (c / (NUM_CLASSES - 1))) for c in range(NUM_CLASSES)]  # long-tailed, imbalance 0.1
-    manifest = {"source": "synthetic", "num_classes": NUM_CLASSES, "image": {"mode": mode},
-                "splits": {"train": {"rows": batch * (iters + warmup), "counts": counts}}}
-    c = build_components(cfg, manifest, device)
+    dynamic = {"scope": row.scope, "meta_grad": row.meta_grad, "meta_interval": row.interval} \
+        if row.loss == "dynamic" else {}
+    c = synthetic_components(model, batch, device, loss=row.loss, dynamic=dynamic, rows=batch * (iters + warmup))
+    cfg = c.cfg
     k = row.interval
     n_iters, n_warm = -(-iters // k) * k, -(-max(warmup, 2) // k) * k
     size = c.preset.size
@@ -194,13 +195,11 @@ def run_step(args: argparse.Namespace) -> int:
             else:
                 with ctx.Pool(1) as pool:
                     results.append(pool.apply(_measure_in_child, (job,)))
-    report = {"benchmark": "step", "device": _device_name(device), "torch": torch.__version__,
+    name = device_name(device) + ("" if device == "cuda" else f", {threads} threads")
+    report = {"benchmark": "step", "device": name, "torch": torch.__version__,
               "threads": threads, "batch_size": args.batch_size, "rows": _with_ratios(results),
               "host_cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
-    print_step(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, print_step, args.json)
     return 0
 
 
@@ -258,16 +257,6 @@ def print_phases(r: dict) -> None:
     print(f"phases of a step: {r['model']}, batch {r['batch_size']}, {r['device']} (train mode, each alone)")
     for name, ms in r["ms"].items():
         print(f"  {name:<26}{ms:>9.1f} ms  {ms / unit:>5.2f} forward units")
-
-
-def _device_name(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def _with_ratios(results: list[dict]) -> list[dict]:

@@ -139,6 +139,11 @@ class Dynamic(Section):
     mix: Literal["gumbel", "softmax", "argmax"] = "gumbel"  # how p~ is drawn (dynloss.dynamic.pseudo_labels)
     pseudo_from: Literal["logits", "adjusted"] = "logits"  # p~ from z (authors) or from z + margins
     warmup_loss: Literal["ce", "margins"] = "ce"           # warm-up CE (authors) or CE(z + generator margins)
+    rank_loss: Literal["logits", "adjusted"] = "logits"    # the loss the ranking pass ranks (and the meta set's
+    #                                                        "easy" picks): CE of z (authors) or of z + margins
+    rank_within: Literal["label", "all"] = "label"  # rank buckets within each given label (authors) or over the
+    #                                                 whole training set (losses of z + margins are comparable
+    #                                                 across classes; a label that is mostly wrong shows)
     meta_lr: float = Field(3e-3, gt=0)
     margin_meta_lr: float | None = Field(None, ge=0)  # the margin generator's own meta lr; None = meta_lr (authors)
     margin_prior: Literal["none", "log_prior"] = "none"
@@ -172,6 +177,9 @@ class Sampling(Section):
     clean_meta: str | None = None  # a prepared folder whose train split is trusted clean metadata
     enrich: bool = True            # add the hierarchical sample from the training data to clean_meta
     leave_out: bool = True         # leave the sampled meta rows out of the epoch's training stream (authors)
+    meta_pool: Literal["all", "agreeing"] = "all"  # sample the meta set from every row (authors) or only from
+    #   the rows whose given label is the argmax of z + margins: a label mostly flipped in from another class
+    #   (asymmetric noise under a long tail) otherwise fills that class's metadata with the flips (docs/method.md)
 
 
 class Optim(Section):

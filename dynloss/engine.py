@@ -68,21 +68,28 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def per_sample_losses(model: nn.Module, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+def per_sample_losses(model: nn.Module, batches: Iterable[Batch], margins: Tensor | None = None
+                      ) -> dict[str, np.ndarray]:
     """The ranking pass: CE against the given label of every sample on its un-augmented view.
 
-    Returns numpy arrays ``id``, ``label``, ``loss``, ``pred``, ``true_label`` (when batches have it).
+    Returns numpy arrays ``id``, ``label``, ``loss`` (CE of the logits z), ``pred`` (argmax z: the prediction),
+    ``fit_loss`` and ``fit_pred`` (the same of z + ``margins``, the logits the Dynamic Loss fits; equal to
+    ``loss`` and ``pred`` without margins) and ``true_label`` (when batches have it).
     """
     model.eval()
     device = _device_of(model)
-    out: dict[str, list[Tensor]] = {"id": [], "label": [], "loss": [], "pred": [], "true_label": []}
+    keys = ("id", "label", "loss", "pred", "fit_loss", "fit_pred", "true_label")
+    out: dict[str, list[Tensor]] = {k: [] for k in keys}
     for b in batches:
         b = _to(b, device)
         logits = model(b["x"]).float()
+        fit = logits if margins is None else logits + margins
         out["id"].append(b["id"])
         out["label"].append(b["label"])
         out["loss"].append(F.cross_entropy(logits, b["label"], reduction="none"))
         out["pred"].append(logits.argmax(1))
+        out["fit_loss"].append(F.cross_entropy(fit, b["label"], reduction="none"))
+        out["fit_pred"].append(fit.argmax(1))
         if "true_label" in b:
             out["true_label"].append(b["true_label"])
     model.train()

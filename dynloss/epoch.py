@@ -30,11 +30,11 @@ from dynloss.builder import Components, derive_seed
 from dynloss.dynamic import OracleCorrector
 from dynloss.engine import Batch, finetune_on_meta, per_sample_losses, predict, train_one_epoch
 from dynloss.metrics import correction_metrics, eval_metrics, prediction_arrays
-from dynloss.sampling import clean_seed, hierarchical_sample, loss_ranks
+from dynloss.sampling import agreeing_pool, clean_seed, hierarchical_sample, loss_ranks, meta_set_sizes
 
 PER_CLASS_METRICS = 20  # classes up to which per-class accuracy is also a metric (eval/class/<index>)
 COLLAPSE_DROP = 0.05    # a top-1 this far below the run's best after warm-up is reported as a collapse
-RANK_KEYS = ("id", "label", "loss", "pred", "true_label")
+RANK_KEYS = ("id", "label", "loss", "pred", "fit_loss", "fit_pred", "true_label")
 
 
 class EpochData(Protocol):
@@ -85,20 +85,29 @@ def _inputs(c: Components, batches: Iterable[Batch]) -> Iterator[Batch]:
 # ---------------------------------------------------------------------------------------------- ranking
 def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) -> dict[str, np.ndarray]:
     """CE of every training sample against its given label (un-augmented view), gathered from every process,
-    sorted by id, with its rank bucket; sets ``state.rank_table`` and ``state.corpus``."""
+    sorted by id, with its rank bucket; sets ``state.rank_table`` and ``state.corpus``. The corpus ``loss`` (what
+    is ranked and what the meta set's "easy" picks) is CE of z, or of z + margins with ``dynamic.rank_loss:
+    adjusted``; ``fit_pred`` is the argmax of z + margins (``sampling.meta_pool: agreeing``)."""
+    margins = None
+    if c.dyn is not None:
+        with torch.no_grad():
+            margins = c.dyn.margins().float()
     with c.autocast():
-        local = per_sample_losses(c.inner, _inputs(c, data.rank_batches(epoch)))
+        local = per_sample_losses(c.inner, _inputs(c, data.rank_batches(epoch)), margins)
     if not local:
-        local = {k: np.zeros(0, np.float32 if k == "loss" else np.int64) for k in RANK_KEYS}
+        local = {k: np.zeros(0, np.float32 if k.endswith("loss") else np.int64) for k in RANK_KEYS}
     full = distributed.all_gather_arrays({k: local[k] for k in RANK_KEYS})
     order = np.argsort(full["id"], kind="stable")
     corpus = {k: v[order] for k, v in full.items()}
+    if c.dyn is not None and c.cfg.dynamic.rank_loss == "adjusted":
+        corpus["loss"] = corpus["fit_loss"]
     if c.dyn is not None and isinstance(c.dyn.corrector, OracleCorrector):  # the upper bound: "rank" 1 = a right label
         if (corpus["true_label"] < 0).any():
             raise ValueError("dynamic.corrector: oracle needs the true labels (synthetic noise); this dataset has none")
         corpus["rank"] = (corpus["label"] == corpus["true_label"]).astype(np.int64)
     else:
-        corpus["rank"] = loss_ranks(corpus["label"], corpus["loss"], c.cfg.dynamic.rank_buckets, c.num_classes)
+        groups = corpus["label"] if c.cfg.dynamic.rank_within == "label" else np.zeros_like(corpus["label"])
+        corpus["rank"] = loss_ranks(groups, corpus["loss"], c.cfg.dynamic.rank_buckets, c.num_classes)
     table = torch.zeros(c.train_rows, dtype=torch.long)
     table[torch.as_tensor(corpus["id"])] = torch.as_tensor(corpus["rank"])
     state.rank_table, state.corpus = table, corpus
@@ -106,16 +115,24 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
 
 
 def meta_ids(c: Components, corpus: dict[str, np.ndarray], epoch: int) -> np.ndarray:
-    """The epoch's hierarchical sample of training ids, the clean seed set (``sampling.clean_per_class``) always in;
-    none when only clean metadata is used."""
+    """The epoch's hierarchical sample of training ids (from every row, or from ``agreeing_pool`` with
+    ``sampling.meta_pool: agreeing``), the clean seed set (``sampling.clean_per_class``) always in; none when only
+    clean metadata is used."""
     s = c.cfg.sampling
     if s.clean_meta and not s.enrich:
         return np.zeros(0, np.int64)
     clean = clean_seed(corpus["label"], corpus["true_label"], s.clean_per_class,
                        seed=derive_seed(c.cfg.train.seed, 10)) if s.clean_per_class else None
-    idx = hierarchical_sample(corpus["label"], corpus["loss"], s.ratio1, s.ratio2, s.criterion, s.per_class,
-                              clean_ids=clean, seed=derive_seed(c.cfg.train.seed, 4, epoch))
-    return corpus["id"][idx]
+    label, pool = corpus["label"], np.arange(len(corpus["label"]))
+    # the sizes come from every row's label, whatever the pool
+    k1, k2 = meta_set_sizes(label, s.ratio1, s.ratio2, s.per_class)
+    if s.meta_pool == "agreeing":  # rows whose label is the argmax of z + margins (topped up), + the clean seed set
+        pool = np.union1d(agreeing_pool(label, corpus["fit_pred"] == label, corpus["loss"], k2),
+                          clean if clean is not None else []).astype(np.int64)
+    idx = hierarchical_sample(label[pool], corpus["loss"][pool], s.ratio1, s.ratio2, s.criterion, k1,
+                              clean_ids=None if clean is None else np.searchsorted(pool, clean),
+                              seed=derive_seed(c.cfg.train.seed, 4, epoch))
+    return corpus["id"][pool[idx]]
 
 
 # ------------------------------------------------------------------------------------------ meta batches

@@ -16,6 +16,8 @@ code as described in DESIGN.md section 3:
 * ``clean_seed``: such a trusted set drawn from the training data itself, up to N rows per class whose given
   label is known to be right (synthetic noise keeps the true label): what a user who verified N labels per
   class would hold (``sampling.clean_per_class``; ``sampling.clean_meta`` is a separately prepared one).
+* ``agreeing_pool`` (ours, opt-in ``sampling.meta_pool: agreeing``): the rows the hierarchy may draw from, only
+  those whose label the classifier predicts, topped up per class; for labels made mostly of flips.
 
     python -c "import numpy as np; from dynloss.sampling import *; y = np.repeat(np.arange(10), [5000]*9 + [50]); \
 l = np.random.rand(y.size); print(np.bincount(y[hierarchical_sample(y, l)]))"
@@ -201,3 +203,26 @@ def clean_seed(labels, true_labels, per_class: int, seed: int = 0) -> np.ndarray
     starts = np.searchsorted(y[by_class], np.unique(y[by_class]))
     rank_in_class = np.arange(by_class.size) - np.repeat(starts, np.diff(np.append(starts, by_class.size)))
     return np.sort(by_class[rank_in_class < per_class]).astype(np.int64)
+
+
+def agreeing_pool(labels, agree, losses, k: int) -> np.ndarray:
+    """Sorted int64 indices of the rows the meta set may come from under ``sampling.meta_pool: agreeing``: every
+    row whose given label the classifier agrees with (``agree``), and for a class with fewer than ``k`` such rows
+    its easiest (lowest-loss) other rows up to ``k``, so no class drops out of the metadata.
+
+    A label mostly flipped in from another class (asymmetric noise under a long tail) fills its "easy" metadata
+    with the flips; the rows the classifier agrees with are the right ones there (docs/method.md section 4).
+    """
+    y = _to_numpy(labels).astype(np.int64).reshape(-1)
+    ok = _to_numpy(agree).astype(bool).reshape(-1)
+    loss = _to_numpy(losses).astype(np.float64).reshape(-1)
+    _check_lengths(y.size, loss.size)
+    _check_lengths(y.size, ok.size)
+    n_agree = np.bincount(y[ok], minlength=int(y.max(initial=-1)) + 1)
+    need = np.minimum(np.maximum(0, k - n_agree), np.bincount(y[~ok], minlength=len(n_agree)))
+    others = np.flatnonzero(~ok)
+    others = others[np.lexsort((loss[others], y[others]))]  # by label, then loss
+    starts = np.searchsorted(y[others], np.arange(len(need)))
+    rank = np.arange(others.size) - starts[y[others]]
+    return np.sort(np.concatenate([np.flatnonzero(ok), others[rank < need[y[others]]]])).astype(np.int64)
+

@@ -114,6 +114,58 @@ def test_oracle_corrector_trusts_exactly_the_right_labels(digits):
     assert not list(c.dyn.corrector.parameters())
 
 
+def test_the_ranking_pass_ranks_the_loss_the_config_names(digits):
+    """``rank_loss: adjusted`` ranks CE of z + margins (what the loss fits), ``logits`` CE of z (the authors')."""
+    corpora = {}
+    for rank_loss in ("logits", "adjusted"):
+        c = build_components(cfg_for(digits, rank_loss=rank_loss), read_manifest(digits), "cpu")
+        data = load_data(c)
+        corpora[rank_loss] = ranking_pass(c, data, TrainState(), 1)
+        x = torch.cat([b["x"] for b in data.rank_batches(1)])
+        with torch.no_grad():
+            z = c.inner.eval()(x)
+        extra = c.dyn.margins().detach() if rank_loss == "adjusted" else 0.0
+        expected = F.cross_entropy(z + extra, torch.as_tensor(corpora[rank_loss]["label"]), reduction="none")
+        assert np.allclose(corpora[rank_loss]["loss"], expected.numpy(), atol=1e-5)
+    # the log prior is far from flat on digits-LT, so the two rankings differ
+    assert (corpora["logits"]["rank"] != corpora["adjusted"]["rank"]).mean() > 0.05
+    # within each given label (the authors') every label spans the buckets; over all rows one order of the losses
+    c = build_components(cfg_for(digits, rank_loss="adjusted", rank_within="all"), read_manifest(digits), "cpu")
+    whole = ranking_pass(c, load_data(c), TrainState(), 1)
+    order = np.argsort(whole["loss"], kind="stable")
+    assert (np.diff(whole["rank"][order]) >= 0).all() and whole["rank"].max() >= 95
+    per_label = corpora["adjusted"]
+    assert not (np.diff(per_label["rank"][order]) >= 0).all()
+
+
+def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(digits):
+    """Class 1's label is 80% flips from class 0, and the flips have the lower losses (a loss ranking within the
+    label cannot see them): the authors' pool fills class 1's metadata with flips, ``meta_pool: agreeing`` takes
+    rows whose label is the classifier's argmax; a class with too few of those (2) is topped up with its easiest
+    other rows, so every class keeps its size (k2 = 15, from every row's label)."""
+    rng = np.random.default_rng(0)
+    label = np.repeat([0, 1, 2], [200, 100, 60])
+    true = label.copy()
+    true[200:280] = 0                                  # 80 of class 1's 100 labels are flipped-in class-0 images
+    fit_pred = true.copy()                             # a classifier that fits the images' own class ...
+    fit_pred[305:360] = 0                              # ... and is not sure of most of class 2 yet
+    loss = rng.random(label.size)
+    loss[200:280] *= 0.1                               # ... and finds the flips easy
+    corpus = {"id": np.arange(label.size) * 3, "label": label, "true_label": true, "fit_pred": fit_pred, "loss": loss}
+    picked = {}
+    for pool in ("all", "agreeing"):
+        cfg = validate({**cfg_for(digits).resolved(), "sampling": {"meta_pool": pool}})
+        rows = meta_ids(build_components(cfg, read_manifest(digits), "cpu"), corpus, 1) // 3
+        picked[pool] = rows
+        assert (np.bincount(label[rows], minlength=3) == 15).all()
+    class_1 = {pool: rows[label[rows] == 1] for pool, rows in picked.items()}
+    assert (true[class_1["all"]] != 1).all() and (true[class_1["agreeing"]] == 1).all()
+    topped_up = picked["agreeing"][label[picked["agreeing"]] == 2]
+    others = np.arange(305, 360)
+    easiest = others[np.argsort(loss[others])[:10]]
+    assert set(topped_up) == set(range(300, 305)) | set(easiest)
+
+
 def test_trusted_prior_follows_the_trusted_labels(digits):
     hist = train_local(cfg_for(digits, corrector="oracle", prior_from="trusted", margin_meta_lr=0.0),
                        log=lambda line: None)

@@ -1,0 +1,41 @@
+"""After the warm-up, how well each per-sample signal finds the wrong labels, class by class, and how clean each
+class's meta set is (docs/method.md section 4, asymmetric noise). Same config, components and epochs as
+``dynloss train`` (through the Ray-free runner); the true labels of the synthetic noise score the signals.
+
+    python docs/label_signals.py --data data/fmnist_lt001_asym04 --seed 1
+"""
+import argparse
+
+from dynloss.builder import build_components
+from dynloss.config import check_dataset, load_config
+from dynloss.epoch import TrainState, ranking_pass, run_epoch
+from dynloss.local import load_data
+from dynloss.metrics import roc_auc
+from dynloss.sampling import hierarchical_sample
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--config", default="pipelines/configs/fashion_mnist_lt.yaml")
+p.add_argument("--data", required=True)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--epochs", type=int, help="epochs to train first (default: the config's warm-up)")
+args = p.parse_args()
+# corpus "loss" stays CE of z (the authors' ranking); "fit_loss" is CE of z + margins
+cfg = load_config(args.config, [f"data.path={args.data}", f"train.seed={args.seed}", "dynamic.rank_loss=logits"])
+c = build_components(cfg, check_dataset(cfg), "cpu")
+data, state = load_data(c), TrainState()
+for epoch in range(cfg.dynamic.warmup_epochs if args.epochs is None else args.epochs):
+    run_epoch(c, data, state, epoch)
+corpus = ranking_pass(c, data, state, 0)
+y, wrong = corpus["label"], corpus["label"] != corpus["true_label"]
+signals = {"CE of z": corpus["loss"], "CE of z + m": corpus["fit_loss"]}
+agree = corpus["fit_pred"] == y
+meta_all = hierarchical_sample(y, corpus["loss"], cfg.sampling.ratio1, cfg.sampling.ratio2, seed=1)
+print(f"{'label':>5} {'rows':>5} {'wrong':>6} " + " ".join(f"{'AUC ' + n:>15}" for n in signals)
+      + f" {'meta clean (all)':>17} {'agreeing rows':>14} {'their wrong':>12}")
+for k in range(c.num_classes):
+    rows = y == k
+    aucs = [roc_auc(s[rows], wrong[rows]) for s in signals.values()]
+    picked = meta_all[y[meta_all] == k]
+    print(f"{k:>5} {rows.sum():>5} {wrong[rows].mean():>6.2f} " + " ".join(f"{a:>15.3f}" for a in aucs)
+          + f" {1 - wrong[picked].mean():>17.2f} {(rows & agree).sum():>14} {wrong[rows & agree].mean():>12.2f}")
+print("all rows: " + ", ".join(f"AUC {n} {roc_auc(s, wrong):.3f}" for n, s in signals.items()))

@@ -141,7 +141,7 @@ def test_the_ranking_pass_ranks_the_loss_the_config_names(digits):
 def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(digits):
     """Class 1's label is 80% flips from class 0, and the flips have the lower losses (a loss ranking within the
     label cannot see them): the authors' pool fills class 1's metadata with flips, ``meta_pool: agreeing`` takes
-    rows whose label is the classifier's argmax; a class with too few of those (2) is topped up with its easiest
+    rows whose label is the classifier's argmax; a class with too few of those (class 2) is topped up with its easiest
     other rows, so every class keeps its size (k2 = 15, from every row's label)."""
     rng = np.random.default_rng(0)
     label = np.repeat([0, 1, 2], [200, 100, 60])

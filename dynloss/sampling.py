@@ -200,9 +200,13 @@ def clean_seed(labels, true_labels, per_class: int, seed: int = 0) -> np.ndarray
     right = right[rng.permutation(right.size)]
     # the first per_class of each class in that random order (a stable sort keeps it within a class)
     by_class = right[np.argsort(y[right], kind="stable")]
-    starts = np.searchsorted(y[by_class], np.unique(y[by_class]))
-    rank_in_class = np.arange(by_class.size) - np.repeat(starts, np.diff(np.append(starts, by_class.size)))
-    return np.sort(by_class[rank_in_class < per_class]).astype(np.int64)
+    return np.sort(by_class[_position_in_class(y[by_class]) < per_class]).astype(np.int64)
+
+
+def _position_in_class(sorted_labels: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal labels of an array sorted by label."""
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return np.arange(sorted_labels.size) - starts
 
 
 def agreeing_pool(labels, agree, losses, k: int) -> np.ndarray:
@@ -222,7 +226,5 @@ def agreeing_pool(labels, agree, losses, k: int) -> np.ndarray:
     need = np.minimum(np.maximum(0, k - n_agree), np.bincount(y[~ok], minlength=len(n_agree)))
     others = np.flatnonzero(~ok)
     others = others[np.lexsort((loss[others], y[others]))]  # by label, then loss
-    starts = np.searchsorted(y[others], np.arange(len(need)))
-    rank = np.arange(others.size) - starts[y[others]]
-    return np.sort(np.concatenate([np.flatnonzero(ok), others[rank < need[y[others]]]])).astype(np.int64)
-
+    take = _position_in_class(y[others]) < need[y[others]]
+    return np.sort(np.concatenate([np.flatnonzero(ok), others[take]])).astype(np.int64)

@@ -195,7 +195,7 @@ def run_step(args: argparse.Namespace) -> int:
             else:
                 with ctx.Pool(1) as pool:
                     results.append(pool.apply(_measure_in_child, (job,)))
-    name = device_name(device) + ("" if device == "cuda" else f", {threads} threads")
+    name = device_name(device) + ("" if str(device).startswith("cuda") else f", {threads} threads")
     report = {"benchmark": "step", "device": name, "torch": torch.__version__,
               "threads": threads, "batch_size": args.batch_size, "rows": _with_ratios(results),
               "host_cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}

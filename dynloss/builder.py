@@ -98,6 +98,13 @@ def build_criterion(cfg: Config, num_classes: int, counts) -> nn.Module:
     return build_loss(cfg.loss.name, num_classes, preset=cfg.loss.preset, **params)
 
 
+def build_preset(cfg: Config, manifest: Mapping) -> tuple[str, str, Preset]:
+    """The run's augmentation preset: its name (``data.preset`` or the source's), decode mode, built views."""
+    name = cfg.data.preset or preset_for_source(manifest["source"])
+    mode = mode_from_manifest(manifest)
+    return name, mode, resolve_preset(name, mode=mode, **cfg.data.preset_params)
+
+
 def build_components(cfg: Config, manifest: Mapping, device: torch.device | str, *, world: int = 1,
                      rank: int = 0) -> Components:
     """Build a run's components for one of ``world`` processes; seeds torch/numpy/random for ``rank``.
@@ -109,9 +116,7 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
     train = manifest["splits"]["train"]
     num_classes, train_rows = int(manifest["num_classes"]), int(train["rows"])
     counts = [int(c) for c in train["counts"]]
-    preset_name = cfg.data.preset or preset_for_source(manifest["source"])
-    mode = mode_from_manifest(manifest)
-    preset = resolve_preset(preset_name, mode=mode, **cfg.data.preset_params)
+    preset_name, mode, preset = build_preset(cfg, manifest)
     cuda = device.type == "cuda"
     amp = torch.bfloat16 if cuda and cfg.train.amp != "off" and torch.cuda.is_bf16_supported() else None
     if cuda and cfg.train.amp == "on" and amp is None:

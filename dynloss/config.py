@@ -93,7 +93,8 @@ class Data(Section):
     decode_cpus: float = Field(1.0, gt=0)
     decode_concurrency: int | None = Field(None, ge=1)
     cache_mb: float = Field(1024, ge=0)  # per worker: decoded ranking/eval passes kept after their first pass when
-    #                                      they fit (dynloss.data.cache); 0 re-reads the shards every epoch
+    #                                      they fit (dynloss.data.cache), read by the worker itself, not streamed
+    #                                      (pipelines.train_worker.in_worker_passes); 0 streams them every epoch
     prepare: Prepare | None = None
 
     @field_validator("preset")

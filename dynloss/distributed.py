@@ -88,6 +88,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every worker. DDP syncs them at the start of each
+    training forward, so after the epoch's last step each worker holds its own batch's update: without this the
+    workers would rank and evaluate with slightly different models, none of them the one rank 0 checkpoints."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def _device() -> torch.device:
     # NCCL moves only CUDA tensors; gloo only CPU ones
     if dist.get_backend() == "nccl":

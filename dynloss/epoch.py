@@ -88,6 +88,7 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     sorted by id, with its rank bucket; sets ``state.rank_table`` and ``state.corpus``. The corpus ``loss`` (what
     is ranked and what the meta set's "easy" picks) is CE of z, or of z + margins with ``dynamic.rank_loss:
     adjusted``; ``fit_pred`` is the argmax of z + margins (``sampling.meta_pool: agreeing``)."""
+    distributed.broadcast_buffers(c.inner)
     margins = None
     if c.dyn is not None:
         with torch.no_grad():
@@ -228,6 +229,7 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
 # ------------------------------------------------------------------------------------------- statistics
 def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, float], np.ndarray]:
     """(``eval/*`` metrics, per-class accuracy) on the eval split, gathered from every process."""
+    distributed.broadcast_buffers(c.inner)
     with c.autocast():
         out = predict(c.inner, _inputs(c, data.eval_batches(epoch)))
     local = prediction_arrays(out) if out["label"].size else \

@@ -87,18 +87,21 @@ def ensure_prepared(cfg: Config) -> None:
 
 def build_datasets(cfg: Config, manifest: dict) -> dict:
     """train (the view the config trains on, ``data.train_view``; new order every epoch), rank (train split, eval
-    view), eval. Meta batches are decoded by the workers themselves (``pipelines.train_worker``)."""
-    from dynloss.data.transforms import preset_for_source
+    view), eval. Meta batches, and the rank and eval passes small enough to be kept (``in_worker_passes``), are
+    decoded by the workers themselves (``pipelines.train_worker``): no dataset is built for those."""
+    from dynloss.builder import build_preset
     from pipelines.data import build_dataset
+    from pipelines.train_worker import PASS_SPLITS, in_worker_passes, pass_split
 
-    common = {"preset": cfg.data.preset or preset_for_source(manifest["source"]),
+    common = {"preset": build_preset(cfg, manifest)[0],
               "preset_params": cfg.data.preset_params, "num_cpus": cfg.data.decode_cpus,
               "concurrency": cfg.data.decode_concurrency}
+    in_worker = in_worker_passes(cfg, manifest)
     return {
         "train": build_dataset(cfg.data.path, "train", train=True, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
                                views=(cfg.data.train_view,), **common),
-        "rank": build_dataset(cfg.data.path, "train", train=False, shuffle="none", **common),
-        "eval": build_dataset(cfg.data.path, cfg.data.eval_split, train=False, shuffle="none", **common),
+        **{name: build_dataset(cfg.data.path, pass_split(cfg, name), train=False, shuffle="none", **common)
+           for name in PASS_SPLITS if name not in in_worker},
     }
 
 

@@ -4,11 +4,14 @@ The epoch itself is ``dynloss.epoch`` (ranking pass, rank table, meta set, meta 
 trust), the same function the Ray-free runner ``dynloss.local`` calls; the components come from
 ``dynloss.builder.build_components``. This module only supplies data and keeps checkpoints:
 
-* ``RayData`` is the epoch's ``EpochData`` over the Ray Data shards: the ranking pass and evaluation read
-  this worker's streaming-split part of the train / eval split (every row exactly once) and
-  ``dynloss.epoch`` all-gathers them, so **every worker computes the same rank table and meta set**; the
-  decoded batches of both passes are kept after their first pass when they fit ``data.cache_mb``
-  (``dynloss.data.cache``): later epochs neither read nor decode them again;
+* ``RayData`` is the epoch's ``EpochData``: the ranking pass and evaluation give each worker its part of the
+  train / eval split (every row exactly once over the workers) and ``dynloss.epoch`` all-gathers them, so
+  **every worker computes the same rank table and meta set**. A pass whose worker part, decoded, fits
+  ``data.cache_mb`` (``in_worker_passes``; digits, (Fashion-)MNIST, CIFAR) is no Ray Dataset at all: the worker
+  reads the split from the shards, keeps every ``world``-th row in id order and decodes it once (a streaming
+  dataset costs a split-coordinator actor and a first execution, seconds per run, whatever its size); a larger
+  one streams this worker's streaming-split part. Either way the decoded batches are kept after the first pass
+  when they fit (``dynloss.data.cache``): later epochs neither read nor decode them again;
 * the meta set is left out of the epoch's training stream **on the worker side** (``dynloss.epoch.leave_out``,
   a per-batch id filter: the Ray Dataset handed to the trainer cannot change per epoch, and a ~1% filter
   costs nothing);
@@ -27,17 +30,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dynloss.builder import Components, build_components
+from dynloss.builder import Components, build_components, build_preset
 from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
 from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
-from dynloss.data.batches import SHARD_COLUMNS, views_from_rows
+from dynloss.data.batches import SHARD_COLUMNS, iter_local_batches, read_rows, views_from_rows
 from dynloss.data.cache import PassCache
 from dynloss.epoch import TrainState, evaluate, ranking_pass, run_epoch, trust, watch_collapse
 from dynloss.schedules import fast_forward
 
 LABEL_REPORT = "label_report.parquet"
 PER_CLASS = "per_class.json"
+
+
+PASS_SPLITS = ("rank", "eval")  # the un-augmented passes: the train split in the eval view, the eval split
+
+
+def pass_split(cfg: Config, name: str) -> str:
+    return "train" if name == "rank" else cfg.data.eval_split
+
+
+def in_worker_passes(cfg: Config, manifest: dict) -> set[str]:
+    """The passes whose worker part, decoded (float32 pixels + three int64 columns a row), fits ``data.cache_mb``
+    together: read and decoded by each worker itself, kept after the first pass; the others stream through Ray
+    Data (rank first: it runs every epoch of the Dynamic Loss). ``cache_mb: 0`` streams both."""
+    preset = build_preset(cfg, manifest)[2]
+    per_row = preset.channels * preset.size[0] * preset.size[1] * 4 + 3 * 8
+    budget, used, out = cfg.data.cache_mb * 2**20, 0, set()
+    for name in PASS_SPLITS:
+        rows = int(manifest["splits"][pass_split(cfg, name)]["rows"])
+        need = -(-rows // cfg.scaling.num_workers) * per_row
+        if used + need <= budget:
+            used += need
+            out.add(name)
+    return out
 
 
 def read_rows_by_id(root: str, split: str, ids: np.ndarray) -> pa.Table:
@@ -56,15 +82,17 @@ def read_rows_by_id(root: str, split: str, ids: np.ndarray) -> pa.Table:
 
 
 class RayData:
-    """``dynloss.epoch.EpochData`` over this worker's Ray Data shards (``train``, ``rank``, ``eval``)."""
+    """``dynloss.epoch.EpochData`` over this worker's Ray Data shards (``train``; ``rank`` and ``eval`` unless the
+    worker reads them itself: ``in_worker``)."""
 
-    def __init__(self, c: Components, world: int):
+    def __init__(self, c: Components, world: int, rank: int, in_worker: set[str]):
         self.c, self.cfg = c, c.cfg
         self.local_batch = c.cfg.train.batch_size // world
         self.clean_meta = read_split(c.cfg.sampling.clean_meta, "train", columns=list(SHARD_COLUMNS)) \
             if c.cfg.sampling.clean_meta else None
         self.meta_rows: pa.Table | None = None
         self.cache = PassCache(c.cfg.data.cache_mb)  # the un-augmented passes, decoded once
+        self.in_worker, self.world, self.rank = in_worker, world, rank
 
     def _shard(self, name: str, batch_size: int, epoch: int):
         import ray.train
@@ -81,7 +109,15 @@ class RayData:
 
     def _plain(self, name: str, epoch: int) -> Iterator[dict]:
         def decode() -> Iterator[dict]:
-            for b in self._shard(name, self.local_batch * 2, epoch):
+            if name in self.in_worker:  # every world-th row in id order: the workers' parts cover the split once
+                split = pass_split(self.cfg, name)
+                rows = read_rows(self.cfg.data.path, split)
+                part = rows.take(pa.array(np.arange(self.rank, len(rows), self.world)))
+                batches = iter_local_batches(self.cfg.data.path, split, self.c.preset, train=False, shuffle=False,
+                                             batch_size=self.local_batch * 2, table=part)
+            else:
+                batches = self._shard(name, self.local_batch * 2, epoch)
+            for b in batches:
                 yield {"id": b["id"], "x": b["x"], "label": b["label"], "true_label": b["true_label"]}
 
         return self.cache.batches(name, decode)
@@ -128,7 +164,7 @@ class Worker:
         import ray.train.torch
 
         self.c.model = ray.train.torch.prepare_model(self.c.model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
-        self.data = RayData(self.c, world)
+        self.data = RayData(self.c, world, rank, in_worker_passes(cfg, self.manifest))
         self.per_class: np.ndarray | None = None  # last evaluation's per-class accuracy
 
     @property

@@ -84,6 +84,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                  "loss": np.full(rank + 2, 0.5 + rank, np.float32)}
         result["gathered"] = {k: torch.as_tensor(v) for k, v in distributed.all_gather_arrays(local).items()}
         result["mean"] = torch.tensor(distributed.all_reduce_mean({"a": float(rank)})["a"])
+        bn = nn.BatchNorm1d(3)  # each worker's own running statistics, as after a DDP step on its own batch
+        bn(torch.randn(4, 3, generator=torch.Generator().manual_seed(rank)) + rank)
+        result["bn_before"] = {k: v.clone() for k, v in bn.state_dict().items()}
+        distributed.broadcast_buffers(bn)
+        result["bn"] = bn.state_dict()
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -130,6 +135,13 @@ def test_gather_and_reduce_helpers(two_workers):
         assert result["gathered"]["loss"].tolist() == [0.5, 0.5, 1.5, 1.5, 1.5]
         assert result["gathered"]["loss"].dtype == torch.float32
         assert float(result["mean"]) == 0.5
+
+
+def test_every_worker_ranks_and_evaluates_with_rank_0s_batch_norm_statistics(two_workers):
+    rank0, rank1 = two_workers
+    assert not torch.equal(rank0["bn_before"]["running_mean"], rank1["bn_before"]["running_mean"])
+    for k, v in rank0["bn_before"].items():
+        assert torch.equal(rank0["bn"][k], v) and torch.equal(rank1["bn"][k], v), k
 
 
 def test_single_process_hooks_are_off():

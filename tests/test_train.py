@@ -310,6 +310,20 @@ def test_evaluate_refuses_what_is_not_its_checkpoint_or_its_dataset(dynamic_run,
     assert "not a dynloss checkpoint (no state.pt)" in capsys.readouterr().err
 
 
+def test_small_passes_are_read_by_the_workers_and_larger_ones_streamed(digits, tmp_path):
+    """The rank and eval passes skip Ray Data when each worker's part, decoded, fits ``data.cache_mb`` (rank
+    first); the Train runs of this module cover both ways (the resubmitted job streams, the others read)."""
+    from dynloss.data import read_manifest
+    from pipelines.train_worker import in_worker_passes
+
+    manifest, raw = read_manifest(digits), base_config(digits, tmp_path, "passes")  # 2 workers, 8x8 grey, 591 + 355
+    rank_part = 296 * (8 * 8 * 4 + 24)  # bytes: rows of one worker's half (rounded up), float pixels + 3 int64
+    for cache_mb, expected in ((1024, {"rank", "eval"}), (rank_part / 2**20, {"rank"}), (rank_part / 2**20 - 1e-6,
+                                                                                         {"eval"}), (0, set())):
+        raw["data"]["cache_mb"] = cache_mb
+        assert in_worker_passes(validate(raw), manifest) == expected, cache_mb
+
+
 @pytest.mark.ray
 def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monkeypatch):
     from pipelines.train import main
@@ -319,6 +333,7 @@ def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monke
     raw["train"]["epochs"] = 2
     raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
     raw["run"]["max_failures"] = 0
+    raw["data"]["cache_mb"] = 0  # the rank and eval passes stream through Ray Data (elsewhere the worker reads them)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("DYNLOSS_FAIL_AT_EPOCH", "1")
@@ -334,9 +349,10 @@ def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monke
     assert run.info.status == "FINISHED"
     assert steps_of(client, marker["run_id"], "train/loss") == [0, 1]  # epoch 0 was not trained again
     assert run.data.tags.get("dynloss.changed_on_resume") == "train.eval_every"
-    assert math.isfinite(run.data.metrics["eval/top1"])
-    assert np.isnan(pq.read_table(tmp_path / "runs" / "resubmit" / "checkpoint_epoch0001" / "label_report.parquet")
-                    .column("trust").to_numpy()).all()  # a baseline has no corrector
+    assert math.isfinite(run.data.metrics["eval/top1"]) and run.data.metrics["eval/images"] == 355
+    report = pq.read_table(tmp_path / "runs" / "resubmit" / "checkpoint_epoch0001" / "label_report.parquet")
+    assert np.isnan(report.column("trust").to_numpy()).all()  # a baseline has no corrector
+    assert report.num_rows == 591 - 1  # every training image but the corrupt one, streamed
 
 
 @pytest.mark.ray

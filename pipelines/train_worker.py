@@ -47,6 +47,7 @@ PASS_SPLITS = ("rank", "eval")  # the un-augmented passes: the train split in th
 
 
 def pass_split(cfg: Config, name: str) -> str:
+    """The split a pass reads: the train split for ``rank``, ``data.eval_split`` for ``eval``."""
     return "train" if name == "rank" else cfg.data.eval_split
 
 

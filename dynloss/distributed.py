@@ -92,9 +92,17 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (batch-norm running statistics) on every worker. DDP syncs them at the start of each
     training forward, so after the epoch's last step each worker holds its own batch's update: without this the
     workers would rank and evaluate with slightly different models, none of them the one rank 0 checkpoints."""
-    if is_distributed():
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=0)
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():  # float statistics and int64 batch counters: one collective per dtype
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    with torch.no_grad():
+        for buffers in by_dtype.values():
+            flat = _flat(buffers)
+            dist.broadcast(flat, src=0)
+            for b, value in zip(buffers, _unflat(flat, buffers)):
+                b.copy_(value)
 
 
 def _device() -> torch.device:

@@ -29,13 +29,17 @@ corpus = ranking_pass(c, data, state, 0)
 y, wrong = corpus["label"], corpus["label"] != corpus["true_label"]
 signals = {"CE of z": corpus["loss"], "CE of z + m": corpus["fit_loss"]}
 agree = corpus["fit_pred"] == y
+agree_z = corpus["pred"] == y  # the argmax of z alone (the balanced prediction, what evaluation uses)
 meta_all = hierarchical_sample(y, corpus["loss"], cfg.sampling.ratio1, cfg.sampling.ratio2, seed=1)
 print(f"{'label':>5} {'rows':>5} {'wrong':>6} " + " ".join(f"{'AUC ' + n:>15}" for n in signals)
-      + f" {'meta clean (all)':>17} {'agreeing rows':>14} {'their wrong':>12}")
+      + f" {'meta clean (all)':>17} {'agreeing rows':>14} {'their wrong':>12} {'agree z':>8} {'their wrong':>12}"
+      + f" {'right labels agreeing':>22} {'z':>5}")
 for k in range(c.num_classes):
     rows = y == k
     aucs = [roc_auc(s[rows], wrong[rows]) for s in signals.values()]
     picked = meta_all[y[meta_all] == k]
     print(f"{k:>5} {rows.sum():>5} {wrong[rows].mean():>6.2f} " + " ".join(f"{a:>15.3f}" for a in aucs)
-          + f" {1 - wrong[picked].mean():>17.2f} {(rows & agree).sum():>14} {wrong[rows & agree].mean():>12.2f}")
+          + f" {1 - wrong[picked].mean():>17.2f} {(rows & agree).sum():>14} {wrong[rows & agree].mean():>12.2f}"
+          + f" {(rows & agree_z).sum():>8} {wrong[rows & agree_z].mean():>12.2f}"
+          + f" {agree[rows & ~wrong].mean():>22.2f} {agree_z[rows & ~wrong].mean():>5.2f}")
 print("all rows: " + ", ".join(f"AUC {n} {roc_auc(s, wrong):.3f}" for n, s in signals.items()))

@@ -257,6 +257,23 @@ def tables(rows: list[dict], space: Space) -> tuple[str, str]:
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def close_trial_runs(uri: str, parent_run_id: str, status: dict[str, str]) -> None:
+    """End the trials' MLflow runs as Tune saw the trials (``status``: trial id -> a summary row's status).
+
+    A trial ASHA stopped ends KILLED with the tag ``dynloss.early_stopped``, whether its run was left RUNNING (the
+    trial's actor went before ``dynloss train`` could close it) or FAILED (Tune's stop reached ``fit`` as an error
+    first; which comes first varies between machines). An errored trial's run still RUNNING ends FAILED.
+    """
+    from pipelines import tracking
+
+    for run in tracking.child_runs(uri, parent_run_id):
+        tid, state = run.data.tags.get("dynloss.trial_id"), run.info.status
+        if status.get(tid) == "early-stopped" and state in ("RUNNING", "FAILED"):
+            tracking.finish_run(uri, run.info.run_id, None, status="KILLED", tags={"dynloss.early_stopped": "true"})
+        elif status.get(tid) == "error" and state == "RUNNING":
+            tracking.finish_run(uri, run.info.run_id, None, status="FAILED")
+
+
 def finish(sweep: Sweep, results, epochs: int, uri: str) -> tuple[list[dict], str | None]:
     """Close the trials' MLflow runs, write and log the summary, plot and best config; (rows, best config path)."""
     import yaml
@@ -265,13 +282,7 @@ def finish(sweep: Sweep, results, epochs: int, uri: str) -> tuple[list[dict], st
 
     space = sweep.space
     rows = summarize(results, space, epochs)
-    status = {r["trial"]: r["status"] for r in rows}
-    for run in tracking.child_runs(uri, sweep.parent_run_id):
-        tid = run.data.tags.get("dynloss.trial_id")
-        if run.info.status == "RUNNING" and status.get(tid) in ("early-stopped", "error"):
-            stopped = status[tid] == "early-stopped"
-            tracking.finish_run(uri, run.info.run_id, None, status="KILLED" if stopped else "FAILED",
-                                tags={"dynloss.early_stopped": "true"} if stopped else None)
+    close_trial_runs(uri, sweep.parent_run_id, {r["trial"]: r["status"] for r in rows})
     csv_text, md_text = tables(rows, space)
     best = next((r for r in rows if not math.isnan(r[space.metric])), None)
     fs, path = storage.resolve(sweep.path)

@@ -99,6 +99,31 @@ def test_eval_every_must_allow_early_stopping(tmp_path):
     load_space(path, DIGITS, ["train.eval_every=1"])
 
 
+def test_trial_runs_end_as_tune_saw_the_trials_whatever_state_the_trial_left(tmp_path):
+    """A stopped trial's run may be left RUNNING or FAILED (its actor's stop races ``fit``): both end KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune import close_trial_runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps")
+    parent = client.create_run(exp).info.run_id
+    left = {"a": "RUNNING", "b": "FAILED", "c": "RUNNING", "d": "FAILED", "e": "FINISHED"}
+    ids = {}
+    for tid, state in left.items():
+        ids[tid] = client.create_run(exp, tags={"mlflow.parentRunId": parent, "dynloss.trial_id": tid}).info.run_id
+        if state != "RUNNING":
+            client.set_terminated(ids[tid], status=state)
+    close_trial_runs(uri, parent, {"a": "early-stopped", "b": "early-stopped", "c": "error", "d": "error",
+                                   "e": "done"})
+    got = {tid: client.get_run(i) for tid, i in ids.items()}
+    assert {tid: r.info.status for tid, r in got.items()} == {"a": "KILLED", "b": "KILLED", "c": "FAILED",
+                                                               "d": "FAILED", "e": "FINISHED"}
+    assert [tid for tid, r in got.items() if r.data.tags.get("dynloss.early_stopped") == "true"] == ["a", "b"]
+    assert client.get_run(parent).info.status == "RUNNING"  # the sweep's own run is closed by finish, after this
+
+
 # --------------------------------------------------------------------------------------- Ray sweeps
 ray = pytest.importorskip("ray")
 

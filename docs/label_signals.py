@@ -6,6 +6,10 @@ class's meta set is (docs/method.md section 4, asymmetric noise). Same config, c
 """
 import argparse
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from dynloss.builder import build_components
 from dynloss.config import check_dataset, load_config
 from dynloss.epoch import TrainState, ranking_pass, run_epoch
@@ -18,6 +22,7 @@ p.add_argument("--config", default="pipelines/configs/fashion_mnist_lt.yaml")
 p.add_argument("--data", required=True)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--epochs", type=int, help="epochs to train first (default: the config's warm-up)")
+p.add_argument("--knn", type=int, default=20, help="neighbours of the feature-space signal")
 args = p.parse_args()
 # corpus "loss" stays CE of z (the authors' ranking); "fit_loss" is CE of z + margins
 cfg = load_config(args.config, [f"data.path={args.data}", f"train.seed={args.seed}", "dynamic.rank_loss=logits"])
@@ -27,7 +32,36 @@ for epoch in range(cfg.dynamic.warmup_epochs if args.epochs is None else args.ep
     run_epoch(c, data, state, epoch)
 corpus = ranking_pass(c, data, state, 0)
 y, wrong = corpus["label"], corpus["label"] != corpus["true_label"]
-signals = {"CE of z": corpus["loss"], "CE of z + m": corpus["fit_loss"]}
+
+
+@torch.no_grad()
+def knn_disagreement(k: int, balanced: bool) -> np.ndarray:
+    """1 - the share of a row's ``k`` nearest training rows (cosine of the penultimate features) that carry its
+    label (``balanced``: each label's votes divided by its row count first): a signal that is not the classifier's
+    own argmax (docs/method.md section 4, session 8)."""
+    c.inner.eval()
+    ids, feats = [], []
+    for b in data.rank_batches(0):
+        ids.append(b["id"])
+        feats.append(F.normalize(c.inner.features(c.input(b["x"])).float(), dim=1).cpu())
+    c.inner.train()
+    f = torch.cat(feats)[torch.as_tensor(np.argsort(torch.cat(ids).numpy(), kind="stable"))]
+    lab = torch.as_tensor(y)
+    inv_prior = 1.0 / torch.bincount(lab, minlength=c.num_classes).clamp(min=1).float()
+    out = np.empty(len(lab), np.float32)
+    for s in range(0, len(lab), 2048):
+        sim = f[s:s + 2048] @ f.T
+        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2  # not itself
+        nb = lab[sim.topk(k, dim=1).indices]  # (n, k) labels of the neighbours
+        votes = torch.zeros(len(nb), c.num_classes).scatter_add_(1, nb, torch.ones_like(nb, dtype=torch.float))
+        votes = votes * inv_prior if balanced else votes
+        votes = votes / votes.sum(1, keepdim=True)
+        out[s:s + len(nb)] = 1 - votes[torch.arange(len(nb)), lab[s:s + len(nb)]].numpy()
+    return out
+
+
+signals = {"CE of z": corpus["loss"], "CE of z + m": corpus["fit_loss"],
+           f"kNN{args.knn}": knn_disagreement(args.knn, False), f"kNN{args.knn} bal": knn_disagreement(args.knn, True)}
 agree = corpus["fit_pred"] == y
 agree_z = corpus["pred"] == y  # the argmax of z alone (the balanced prediction, what evaluation uses)
 meta_all = hierarchical_sample(y, corpus["loss"], cfg.sampling.ratio1, cfg.sampling.ratio2, seed=1)

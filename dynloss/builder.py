@@ -1,7 +1,7 @@
 """One builder of the training components from the one validated ``Config`` (STYLE.md point 6).
 
 Model, optimizer, lr schedule, criterion (a robust-loss baseline) or Dynamic Loss with its meta optimizer,
-the engine's ``MetaSettings``, the augmentation preset and the device settings (bfloat16 autocast,
+the weight average evaluation uses (``train.ema_decay``), the engine's ``MetaSettings``, the augmentation preset and the device settings (bfloat16 autocast,
 channels_last): every driver (the Ray Train worker, the Ray-free runner ``dynloss.local``) gets them
 from ``build_components`` and nowhere else, so a setting cannot mean one thing in one driver and another
 in the other.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dynloss.config import Config
 from dynloss.data.batches import resolve_preset
@@ -60,6 +61,7 @@ class Components:
     amp: torch.dtype | None            # bfloat16 autocast on CUDA, else None
     channels_last: bool
     steps_per_epoch: int
+    ema: AveragedModel | None = None   # train.ema_decay: the averaged weights evaluation uses
 
     @property
     def inner(self) -> nn.Module:
@@ -141,8 +143,13 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
         meta_optimizer = build_meta_optimizer(dyn, cfg.dynamic.meta_lr, cfg.dynamic.margin_meta_lr)
     else:
         criterion = build_criterion(cfg, num_classes, counts).to(device)
+    ema = None
+    if cfg.train.ema_decay is not None:  # every optimizer step (train, meta actual step, fine-tune) moves the average
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: ema.update_parameters(model))
     torch.manual_seed(derive_seed(cfg.train.seed, 1, rank))
     np.random.seed(derive_seed(cfg.train.seed, 2, rank))
     random.seed(derive_seed(cfg.train.seed, 3, rank))
     return Components(cfg, model, optimizer, scheduler, criterion, dyn, meta_optimizer, meta_settings(cfg), preset,
-                      preset_name, mode, num_classes, counts, train_rows, device, amp, channels_last, steps_per_epoch)
+                      preset_name, mode, num_classes, counts, train_rows, device, amp, channels_last, steps_per_epoch,
+                      ema)

@@ -45,7 +45,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def save_state(directory: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
                epoch: int, iteration: int, config: dict, dyn: nn.Module | None = None,
                meta_optimizer: torch.optim.Optimizer | None = None, rank_table: torch.Tensor | None = None,
-               criterion: nn.Module | None = None, metrics: dict | None = None, extra: dict | None = None) -> None:
+               criterion: nn.Module | None = None, metrics: dict | None = None, extra: dict | None = None,
+               ema: nn.Module | None = None) -> None:
     """Write state.pt, config.json and meta.json into ``directory`` (created if needed).
 
     ``extra``: plain values evaluation needs without the dataset that trained the model (train class counts,
@@ -62,6 +63,7 @@ def save_state(directory: str, *, model: nn.Module, optimizer: torch.optim.Optim
         "dyn": dyn.state_dict() if dyn is not None else None,
         "meta_optimizer": meta_optimizer.state_dict() if meta_optimizer is not None else None,
         "rank_table": rank_table.detach().cpu() if rank_table is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
         "criterion": {"epoch": getattr(criterion, "epoch", 0),
                       "total_epochs": getattr(criterion, "total_epochs", None)},
         "config": config,
@@ -102,9 +104,11 @@ def load_state(directory: str, map_location: str | torch.device = "cpu") -> dict
 
 def restore(state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
             scheduler=None, dyn: nn.Module | None = None, meta_optimizer: torch.optim.Optimizer | None = None,
-            criterion: nn.Module | None = None) -> None:
+            criterion: nn.Module | None = None, ema: nn.Module | None = None) -> None:
     """Load a ``load_state`` result into freshly built objects (model before any DDP wrap, or unwrapped)."""
     _unwrap(model).load_state_dict(state["model"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -116,6 +120,14 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.O
     crit = state.get("criterion") or {}
     if criterion is not None and hasattr(criterion, "set_epoch") and crit.get("total_epochs"):
         criterion.set_epoch(crit["epoch"], crit["total_epochs"])
+
+
+def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The model weights evaluation uses: the weight average's when the run kept one (``train.ema_decay``)."""
+    if state.get("ema") is None:
+        return state["model"]
+    prefix = "module."  # torch.optim.swa_utils.AveragedModel holds the averaged copy as ``module``
+    return {k.removeprefix(prefix): v for k, v in state["ema"].items() if k.startswith(prefix)}
 
 
 # ------------------------------------------------------------------------------------------------ RNG

@@ -209,6 +209,9 @@ class Train(Section):
     channels_last: Switch = "auto"
     eval_every: int = Field(1, ge=1)
     shot_thresholds: tuple[int, int] | None = None  # (many, few); None = dynloss.metrics.shot_thresholds
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # evaluate (and checkpoint) an exponential moving average of
+    #   the weights, batch-norm buffers included, updated after every optimizer step (torch.optim.swa_utils);
+    #   None = the weights as they are (docs/method.md section 4: the average removes the asymmetric swings)
 
     @field_validator("shot_thresholds")
     @classmethod

@@ -228,10 +228,12 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
 
 # ------------------------------------------------------------------------------------------- statistics
 def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, float], np.ndarray]:
-    """(``eval/*`` metrics, per-class accuracy) on the eval split, gathered from every process."""
-    distributed.broadcast_buffers(c.inner)
+    """(``eval/*`` metrics, per-class accuracy) on the eval split, gathered from every process; of the weight
+    average when the run keeps one (``train.ema_decay``)."""
+    model = c.ema.module if c.ema is not None else c.inner
+    distributed.broadcast_buffers(model)  # batch-norm statistics are per process: evaluate rank 0's
     with c.autocast():
-        out = predict(c.inner, _inputs(c, data.eval_batches(epoch)))
+        out = predict(model, _inputs(c, data.eval_batches(epoch)))
     local = prediction_arrays(out) if out["label"].size else \
         {"pred": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "top5_hit": np.zeros(0, bool)}
     full = distributed.all_gather_arrays(local)

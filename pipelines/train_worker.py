@@ -155,7 +155,7 @@ class Worker:
             extended = state["config"]["train"]["epochs"] != cfg.train.epochs
             restore(state, model=self.c.model, optimizer=self.c.optimizer,
                     scheduler=None if extended else self.c.scheduler, dyn=self.c.dyn,
-                    meta_optimizer=self.c.meta_optimizer, criterion=self.c.criterion)
+                    meta_optimizer=self.c.meta_optimizer, criterion=self.c.criterion, ema=self.c.ema)
             if extended:
                 fast_forward(self.c.scheduler, state["iteration"])
             self.start_epoch = state["epoch"] + 1
@@ -199,7 +199,7 @@ class Worker:
             save_state(directory, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler, epoch=epoch,
                        iteration=self.state.iteration, config=self.cfg.resolved(), dyn=c.dyn,
                        meta_optimizer=c.meta_optimizer, rank_table=self.state.rank_table, criterion=c.criterion,
-                       metrics=metrics, extra={"train_counts": c.counts, "num_classes": c.num_classes,
+                       ema=c.ema, metrics=metrics, extra={"train_counts": c.counts, "num_classes": c.num_classes,
                                                "classes": list(self.manifest.get("classes") or []),
                                                "preset": c.preset_name, "mode": c.mode,
                                                "image_size": (self.manifest.get("image") or {}).get("size"),

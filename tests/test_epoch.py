@@ -15,14 +15,17 @@ from dynloss.builder import build_components
 from dynloss.config import validate
 from dynloss.data import read_manifest
 from dynloss.dynamic import DynamicLoss
+from dynloss.engine import predict
 from dynloss.epoch import (
     COLLAPSE_DROP,
     TrainState,
+    evaluate,
     finetune_batches,
     leave_out,
     meta_batches,
     meta_ids,
     ranking_pass,
+    run_epoch,
     watch_collapse,
 )
 from dynloss.local import load_data, train_local
@@ -164,6 +167,42 @@ def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(
     others = np.arange(305, 360)
     easiest = others[np.argsort(loss[others])[:10]]
     assert set(topped_up) == set(range(300, 305)) | set(easiest)
+
+
+def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(digits):
+    """``train.ema_decay``: e <- d e + (1 - d) theta after every step (the first step copies), buffers included;
+    the evaluation's top-1 is that of the averaged weights; without it nothing is averaged."""
+    cfg = validate({**cfg_for(digits).resolved(), "train": {"epochs": 2, "batch_size": 32, "ema_decay": 0.8}})
+    c = build_components(cfg, read_manifest(digits), "cpu")
+    expected: dict[str, torch.Tensor] = {}
+
+    def track(opt, args, kwargs):  # the average by hand, from the weights after each step
+        for k, v in c.inner.state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            expected[k] = v.detach().clone() if k not in expected else 0.8 * expected[k] + 0.2 * v.detach()
+
+    c.optimizer.register_step_post_hook(track)
+    data, state = load_data(c), TrainState()
+    for epoch in range(2):
+        run_epoch(c, data, state, epoch)
+    got = c.ema.module.state_dict()
+    assert c.ema.n_averaged > c.steps_per_epoch  # train steps and the meta epoch's fine-tune steps
+    for k, v in expected.items():
+        assert torch.allclose(got[k], v, atol=1e-5), k
+    metrics, _ = evaluate(c, data, 1)
+    out = predict(c.ema.module, ({**b, "x": c.input(b["x"])} for b in data.eval_batches(1)))
+    assert metrics["eval/top1"] == pytest.approx(float(np.mean(out["pred"] == out["label"])), abs=1e-12)
+    assert build_components(cfg_for(digits), read_manifest(digits), "cpu").ema is None
+
+
+def test_the_weight_average_changes_what_is_evaluated_not_what_is_trained(digits):
+    plain = train_local(cfg_for(digits), log=lambda line: None).history
+    averaged = train_local(validate({**cfg_for(digits).resolved(), "train": {"epochs": 2, "batch_size": 32,
+                                                                             "ema_decay": 0.8}}),
+                           log=lambda line: None).history
+    for key in ("train/loss", "train/acc", "meta/trust_clean", "meta/trust_noisy", "meta/loss"):
+        assert [h.get(key) for h in averaged] == [h.get(key) for h in plain], key
 
 
 def test_trusted_prior_follows_the_trusted_labels(digits):

@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
+from dynloss.checkpoint import eval_weights, load_rng, load_state, restore, save_rng, save_state
 from dynloss.config import validate
 from dynloss.schedules import build_scheduler
 from pipelines.evaluate import shot_thresholds
@@ -176,6 +176,7 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dynamic")
     raw = base_config(digits, tmp, "dyn2")
     raw["train"]["epochs"], raw["run"]["max_failures"] = 3, 2
+    raw["train"]["ema_decay"] = 0.9  # the weight average through DDP, a resume and `dynloss evaluate`
     cfg = validate(raw)
     started = time.perf_counter()
     result = run(cfg, fail_at_epoch="1:kill,2")
@@ -262,6 +263,9 @@ def test_a_killed_worker_and_a_raising_one_resume_from_the_last_checkpoint(dynam
     assert result.metrics["epoch"] == 2 and result.checkpoint.endswith("checkpoint_epoch0002")
     state = load_state(result.checkpoint)
     assert state["epoch"] == 2 and state["rank_table"].shape == (sum(state["extra"]["train_counts"]),)
+    averaged = eval_weights(state)  # the weight average went through both restarts with the rest of the state
+    assert averaged.keys() == state["model"].keys() and int(state["ema"]["n_averaged"]) >= state["iteration"]
+    assert not all(torch.equal(averaged[k], state["model"][k]) for k in averaged)
     assert {"config.json", "label_report.parquet", "meta.json", "per_class.json", "rng-rank0.pt", "rng-rank1.pt",
             "state.pt"} <= set(os.listdir(result.checkpoint))
 

@@ -1,0 +1,49 @@
+"""One Ray-free run of the engine, evaluated every epoch with the raw weights and with weight averages of several
+decays side by side (what ``train.ema_decay`` evaluates; docs/method.md section 4, the asymmetric swings).
+
+    OMP_NUM_THREADS=1 python docs/ema_eval.py --data data/fmnist_lt001_asym04 --seed 1 --decay 0.99 0.995 0.998 \
+        --set loss.name=ce
+"""
+import argparse
+import json
+
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dynloss.builder import build_components
+from dynloss.config import check_dataset, load_config
+from dynloss.epoch import TrainState, evaluate, run_epoch
+from dynloss.local import load_data
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--config", default="pipelines/configs/fashion_mnist_lt.yaml")
+p.add_argument("--data", required=True)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--decay", type=float, nargs="+", default=[0.995])
+p.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides, as dynloss train")
+p.add_argument("--json", help="write the per-epoch rows here")
+args = p.parse_args()
+cfg = load_config(args.config, ["data.prepare=null", f"data.path={args.data}", f"train.seed={args.seed}",
+                                "train.ema_decay=null", *args.set])
+c = build_components(cfg, check_dataset(cfg), "cpu")
+data, state = load_data(c), TrainState()
+averages = {d: AveragedModel(c.inner, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.decay}
+c.optimizer.register_step_post_hook(lambda opt, a, kw: [e.update_parameters(c.inner) for e in averages.values()])
+rows = []
+for epoch in range(cfg.train.epochs):
+    run_epoch(c, data, state, epoch)
+    row = {"epoch": epoch, "raw": evaluate(c, data, epoch)[0]["eval/top1"]}
+    for d, e in averages.items():
+        c.ema = e  # evaluate() takes the average the run keeps
+        row[f"ema{d}"] = evaluate(c, data, epoch)[0]["eval/top1"]
+    c.ema = None
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+warmup = cfg.dynamic.warmup_epochs
+for key in rows[0]:
+    if key != "epoch":
+        t = [r[key] for r in rows]
+        drop = max((max(t[warmup:i + 1]) - t[i] for i in range(warmup, len(t))), default=float("nan"))
+        print(f"{key:>9}: final {100 * t[-1]:.2f}  largest drop after warm-up {100 * drop:.1f}")
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(rows, f)

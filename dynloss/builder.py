@@ -1,10 +1,10 @@
 """One builder of the training components from the one validated ``Config`` (STYLE.md point 6).
 
 Model, optimizer, lr schedule, criterion (a robust-loss baseline) or Dynamic Loss with its meta optimizer,
-the weight average evaluation uses (``train.ema_decay``), the engine's ``MetaSettings``, the augmentation preset and the device settings (bfloat16 autocast,
-channels_last): every driver (the Ray Train worker, the Ray-free runner ``dynloss.local``) gets them
-from ``build_components`` and nowhere else, so a setting cannot mean one thing in one driver and another
-in the other.
+the weight average evaluation uses (``train.ema_decay``), the engine's ``MetaSettings``, the augmentation
+preset and the device settings (bfloat16 autocast, channels_last): every driver (the Ray Train worker, the
+Ray-free runner ``dynloss.local``) gets them from ``build_components`` and nowhere else, so a setting cannot mean
+one thing in one driver and another in the other.
 
     python -c "from dynloss.config import load_config; from dynloss.builder import build_components; \
 from dynloss.data import read_manifest; c = load_config('pipelines/configs/digits.yaml'); \

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory (what the Ray Train loop reports every epoch):
   state.pt          theta (model), phi (DynamicLoss), both optimizers, the lr scheduler, epoch, global
-                    iteration, the rank table (rank bucket per training id), and the training-loss state
+                    iteration, the rank table (rank bucket per training id), the training-loss state, the
+                    weight average with ``train.ema_decay`` (what ``eval_weights`` gives evaluation)
                     (it also holds the resolved config and ``extra``: train class counts, class names, preset)
   rng-rank{r}.pt    each worker's RNG states (python, numpy, torch CPU, CUDA), restored by the same rank
   config.json       the resolved config (dynloss.config.Config.resolved()), human-readable

@@ -199,11 +199,12 @@ class Worker:
             save_state(directory, model=c.model, optimizer=c.optimizer, scheduler=c.scheduler, epoch=epoch,
                        iteration=self.state.iteration, config=self.cfg.resolved(), dyn=c.dyn,
                        meta_optimizer=c.meta_optimizer, rank_table=self.state.rank_table, criterion=c.criterion,
-                       ema=c.ema, metrics=metrics, extra={"train_counts": c.counts, "num_classes": c.num_classes,
-                                               "classes": list(self.manifest.get("classes") or []),
-                                               "preset": c.preset_name, "mode": c.mode,
-                                               "image_size": (self.manifest.get("image") or {}).get("size"),
-                                               "best_top1": self.state.best_top1})
+                       ema=c.ema, metrics=metrics,
+                       extra={"train_counts": c.counts, "num_classes": c.num_classes,
+                              "classes": list(self.manifest.get("classes") or []),
+                              "preset": c.preset_name, "mode": c.mode,
+                              "image_size": (self.manifest.get("image") or {}).get("size"),
+                              "best_top1": self.state.best_top1})
             if report is not None:
                 pq.write_table(report, os.path.join(directory, LABEL_REPORT))
             if self.per_class is not None:

@@ -35,10 +35,10 @@ y, wrong = corpus["label"], corpus["label"] != corpus["true_label"]
 
 
 @torch.no_grad()
-def knn_disagreement(k: int, balanced: bool) -> np.ndarray:
+def knn_disagreement(k: int) -> tuple[np.ndarray, np.ndarray]:
     """1 - the share of a row's ``k`` nearest training rows (cosine of the penultimate features) that carry its
-    label (``balanced``: each label's votes divided by its row count first): a signal that is not the classifier's
-    own argmax (docs/method.md section 4, session 8)."""
+    label, plain and balanced (each label's votes divided by its row count first): a signal that is not the
+    classifier's own argmax (docs/method.md section 4, session 8). One feature pass and one neighbour search."""
     c.inner.eval()
     ids, feats = [], []
     for b in data.rank_batches(0):
@@ -48,20 +48,21 @@ def knn_disagreement(k: int, balanced: bool) -> np.ndarray:
     f = torch.cat(feats)[torch.as_tensor(np.argsort(torch.cat(ids).numpy(), kind="stable"))]
     lab = torch.as_tensor(y)
     inv_prior = 1.0 / torch.bincount(lab, minlength=c.num_classes).clamp(min=1).float()
-    out = np.empty(len(lab), np.float32)
+    plain, balanced = np.empty(len(lab), np.float32), np.empty(len(lab), np.float32)
     for s in range(0, len(lab), 2048):
         sim = f[s:s + 2048] @ f.T
         sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2  # not itself
         nb = lab[sim.topk(k, dim=1).indices]  # (n, k) labels of the neighbours
         votes = torch.zeros(len(nb), c.num_classes).scatter_add_(1, nb, torch.ones_like(nb, dtype=torch.float))
-        votes = votes * inv_prior if balanced else votes
-        votes = votes / votes.sum(1, keepdim=True)
-        out[s:s + len(nb)] = 1 - votes[torch.arange(len(nb)), lab[s:s + len(nb)]].numpy()
-    return out
+        own = (torch.arange(len(nb)), lab[s:s + len(nb)])
+        for out, v in ((plain, votes), (balanced, votes * inv_prior)):
+            out[s:s + len(nb)] = 1 - (v / v.sum(1, keepdim=True))[own].numpy()
+    return plain, balanced
 
 
+knn_plain, knn_balanced = knn_disagreement(args.knn)
 signals = {"CE of z": corpus["loss"], "CE of z + m": corpus["fit_loss"],
-           f"kNN{args.knn}": knn_disagreement(args.knn, False), f"kNN{args.knn} bal": knn_disagreement(args.knn, True)}
+           f"kNN{args.knn}": knn_plain, f"kNN{args.knn} bal": knn_balanced}
 agree = corpus["fit_pred"] == y
 agree_z = corpus["pred"] == y  # the argmax of z alone (the balanced prediction, what evaluation uses)
 meta_all = hierarchical_sample(y, corpus["loss"], cfg.sampling.ratio1, cfg.sampling.ratio2, seed=1)

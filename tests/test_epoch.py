@@ -169,11 +169,15 @@ def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(
     assert set(topped_up) == set(range(300, 305)) | set(easiest)
 
 
+def with_ema(cfg, decay: float):
+    raw = cfg.resolved()
+    return validate({**raw, "train": {**raw["train"], "ema_decay": decay}})
+
+
 def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(digits):
     """``train.ema_decay``: e <- d e + (1 - d) theta after every step (the first step copies), buffers included;
     the evaluation's top-1 is that of the averaged weights; without it nothing is averaged."""
-    cfg = validate({**cfg_for(digits).resolved(), "train": {"epochs": 2, "batch_size": 32, "ema_decay": 0.8}})
-    c = build_components(cfg, read_manifest(digits), "cpu")
+    c = build_components(with_ema(cfg_for(digits), 0.8), read_manifest(digits), "cpu")
     expected: dict[str, torch.Tensor] = {}
 
     def track(opt, args, kwargs):  # the average by hand, from the weights after each step
@@ -198,9 +202,7 @@ def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(d
 
 def test_the_weight_average_changes_what_is_evaluated_not_what_is_trained(digits):
     plain = train_local(cfg_for(digits), log=lambda line: None).history
-    averaged = train_local(validate({**cfg_for(digits).resolved(), "train": {"epochs": 2, "batch_size": 32,
-                                                                             "ema_decay": 0.8}}),
-                           log=lambda line: None).history
+    averaged = train_local(with_ema(cfg_for(digits), 0.8), log=lambda line: None).history
     for key in ("train/loss", "train/acc", "meta/trust_clean", "meta/trust_noisy", "meta/loss"):
         assert [h.get(key) for h in averaged] == [h.get(key) for h in plain], key
 

@@ -10,8 +10,8 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
         batch["weak"], batch["strong"], batch["label"], batch["id"]   # tensors on the worker's device
         batch["corrupt"]                                               # 0-dim: images dropped in this batch
 
-- Shards: `ray.data.read_parquet` over the split's shards listed in ROOT/manifest.json (local path or
-  pyarrow URI, s3://, gs://).
+- Shards: `ray.data.read_parquet` (the V1 datasource: see `_read_shards`) over the split's shards listed in
+  ROOT/manifest.json (local path or pyarrow URI, s3://, gs://).
 - Filter: `include_ids` / `exclude_ids` (the per-epoch meta set in or out) as a numpy array, applied with
   `pyarrow.compute.is_in` per block, or as a `SharedIds` whose content may change between epochs
   without rebuilding the dataset (the dataset handed to a TorchTrainer cannot be replaced).
@@ -128,6 +128,23 @@ def _filter_block(table: pa.Table, include_ids=None, exclude_ids=None) -> pa.Tab
 
 
 # ------------------------------------------------------------------------------------------- the dataset
+def _read_shards(files: list[str], file_order) -> ray.data.Dataset:
+    """``read_parquet`` through Ray Data's V1 parquet datasource. The V2 one (the default in Ray 2.60) starts a
+    pool of footer-reading actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``, 32) on every execution, i.e. on every
+    epoch of every stream, to list files the manifest already lists: ~0.85 s of a 2.5 s Fashion-MNIST-LT epoch
+    here (docs/performance.md section 2). One read task per shard: V1's default splits a shard into many small
+    blocks, and a task per small block cost more than the actors saved on 224-px JPEGs (blocks too large for
+    memory are still split by Ray Data). The choice is made when the read is declared, so the process-wide
+    setting is restored at once."""
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, shuffle=file_order, override_num_blocks=len(files))
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
 def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = True, exclude_ids=None,
                   include_ids=None, batch_size: int = 256, seed: int | None = 0, shuffle: str | None = None,
                   block_rows: int = 1024, mode: str | None = None, num_cpus: float = 1.0,
@@ -164,7 +181,7 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     aug_seed = seed if shuffle == "full" else None
 
     file_order = ray.data.FileShuffleConfig(seed=int(seed)) if shuffle == "blocks" else None
-    ds = ray.data.read_parquet(files, shuffle=file_order).select_columns(list(SHARD_COLUMNS))
+    ds = _read_shards(files, file_order).select_columns(list(SHARD_COLUMNS))
     if ids["include_ids"] is not None or ids["exclude_ids"] is not None:
         # Whole blocks, zero-copy: the filter fuses with the read and costs one hash lookup per row.
         ds = ds.map_batches(_filter_block, fn_kwargs=ids, batch_format="pyarrow", batch_size=None,

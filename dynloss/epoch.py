@@ -30,7 +30,8 @@ from dynloss.builder import Components, derive_seed
 from dynloss.dynamic import OracleCorrector
 from dynloss.engine import Batch, finetune_on_meta, per_sample_losses, predict, train_one_epoch
 from dynloss.metrics import correction_metrics, eval_metrics, prediction_arrays
-from dynloss.sampling import agreeing_pool, clean_seed, hierarchical_sample, loss_ranks, meta_set_sizes
+from dynloss.sampling import (agreeing_pool, clean_seed, flipped_labels, hierarchical_sample, loss_ranks,
+                              meta_set_sizes)
 
 PER_CLASS_METRICS = 20  # classes up to which per-class accuracy is also a metric (eval/class/<index>)
 COLLAPSE_DROP = 0.05    # a top-1 this far below the run's best after warm-up is reported as a collapse
@@ -64,6 +65,8 @@ class TrainState:
     rank_table: torch.Tensor | None = None          # id -> rank bucket of the last ranking pass
     corpus: dict[str, np.ndarray] | None = None     # that pass, gathered and sorted by id, with "rank"
     best_top1: float = float("nan")                 # best evaluation after warm-up (collapse watch)
+    flipped: list[int] | None = None                # labels the flip check found (None: not checked yet)
+    flip_ratio: float = float("nan")                # its smallest own / most-predicted-other ratio
 
 
 def leave_out(batch: Batch, exclude: torch.Tensor | None) -> Batch:
@@ -87,7 +90,10 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     """CE of every training sample against its given label (un-augmented view), gathered from every process,
     sorted by id, with its rank bucket; sets ``state.rank_table`` and ``state.corpus``. The corpus ``loss`` (what
     is ranked and what the meta set's "easy" picks) is CE of z, or of z + margins with ``dynamic.rank_loss:
-    adjusted``; ``fit_pred`` is the argmax of z + margins (``sampling.meta_pool: agreeing``)."""
+    adjusted``; ``fit_pred`` is the argmax of z + margins (``sampling.meta_pool: agreeing``). With
+    ``dynamic.flip_check`` the first pass after warm-up decides, once for the run (``state.flipped``), whether
+    the noise looks class-dependent; if so every later pass ranks as ``rank_loss: adjusted`` + ``rank_within:
+    all``."""
     distributed.broadcast_buffers(c.inner)
     margins = None
     if c.dyn is not None:
@@ -100,14 +106,19 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     full = distributed.all_gather_arrays({k: local[k] for k in RANK_KEYS})
     order = np.argsort(full["id"], kind="stable")
     corpus = {k: v[order] for k, v in full.items()}
-    if c.dyn is not None and c.cfg.dynamic.rank_loss == "adjusted":
+    d = c.cfg.dynamic
+    if c.dyn is not None and d.flip_check is not None and state.flipped is None and epoch >= c.settings.warmup_epochs:
+        state.flipped, state.flip_ratio = flipped_labels(corpus["label"], corpus["pred"], c.num_classes, d.flip_check)
+    class_dependent = bool(state.flipped)  # the flip check found a flipped label: rank as the two keys would
+    if c.dyn is not None and (d.rank_loss == "adjusted" or class_dependent):
         corpus["loss"] = corpus["fit_loss"]
     if c.dyn is not None and isinstance(c.dyn.corrector, OracleCorrector):  # the upper bound: "rank" 1 = a right label
         if (corpus["true_label"] < 0).any():
             raise ValueError("dynamic.corrector: oracle needs the true labels (synthetic noise); this dataset has none")
         corpus["rank"] = (corpus["label"] == corpus["true_label"]).astype(np.int64)
     else:
-        groups = corpus["label"] if c.cfg.dynamic.rank_within == "label" else np.zeros_like(corpus["label"])
+        within = d.rank_within == "label" and not class_dependent
+        groups = corpus["label"] if within else np.zeros_like(corpus["label"])
         corpus["rank"] = loss_ranks(groups, corpus["loss"], c.cfg.dynamic.rank_buckets, c.num_classes)
     table = torch.zeros(c.train_rows, dtype=torch.long)
     table[torch.as_tensor(corpus["id"])] = torch.as_tensor(corpus["rank"])
@@ -179,8 +190,11 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
     pretraining = c.dyn is not None and state.iteration < s.corrector_pretrain_iters
     ids, stream, n_meta = np.zeros(0, np.int64), None, 0
     if meta_phase or pretraining:
+        unchecked = state.flipped is None
         ranking_pass(c, data, state, epoch)
         metrics["time/ranking_s"] = time.perf_counter() - t0
+        if unchecked and state.flipped is not None:  # the flip check decided this epoch
+            metrics.update({"rank/flipped_labels": float(len(state.flipped)), "rank/flip_ratio": state.flip_ratio})
     if meta_phase:
         if cfg.dynamic.margin_prior == "log_prior" and cfg.dynamic.prior_from == "trusted":
             # the labels the loss fits are the trusted ones: their class counts set the logit adjustment
@@ -242,6 +256,19 @@ def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, floa
     if c.num_classes <= PER_CLASS_METRICS:
         metrics.update({f"eval/class/{k}": float(a) for k, a in enumerate(per_class)})
     return metrics, per_class
+
+
+def flip_notice(c: Components, state: TrainState, metrics: dict[str, float]) -> str | None:
+    """The line a driver prints the epoch the flip check decided (``dynamic.flip_check``), else None."""
+    if "rank/flipped_labels" not in metrics:
+        return None
+    limit = c.cfg.dynamic.flip_check
+    if not state.flipped:
+        return (f"flip check: no label looks flipped (smallest own / other prediction ratio {state.flip_ratio:.3f}, "
+                f">= {limit}): ranking as configured")
+    return (f"flip check: label(s) {', '.join(map(str, state.flipped))} look flipped from or into another class "
+            f"(own / other prediction ratio {state.flip_ratio:.3f} < {limit}): class-dependent noise, ranking every "
+            "row by CE of z + margins from now on (dynamic.rank_loss: adjusted, rank_within: all)")
 
 
 def watch_collapse(c: Components, state: TrainState, metrics: dict[str, float], epoch: int) -> str | None:

@@ -25,7 +25,7 @@ from dynloss.builder import Components, build_components, derive_seed
 from dynloss.config import Config, ConfigError, check_dataset, load_config
 from dynloss.data.batches import batch_seed, load_split_numpy
 from dynloss.data.transforms import view_batch
-from dynloss.epoch import TrainState, evaluate, run_epoch, watch_collapse
+from dynloss.epoch import TrainState, evaluate, flip_notice, run_epoch, watch_collapse
 from dynloss.report import compare_table, final_line
 
 EVAL_BATCH = 512
@@ -121,6 +121,9 @@ def train_local(cfg: Config, device: str | torch.device = "cpu", log: Callable[[
     history, per_class, t0, epochs = [], None, time.perf_counter(), cfg.train.epochs
     for epoch in range(epochs):
         metrics = run_epoch(c, data, state, epoch)
+        notice = flip_notice(c, state, metrics)
+        if notice:
+            log(f"[{cfg.run.name}] {notice}")
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == epochs - 1:
             evaluated, per_class = evaluate(c, data, epoch)
             metrics.update(evaluated)

@@ -209,6 +209,29 @@ def _position_in_class(sorted_labels: np.ndarray) -> np.ndarray:
     return np.arange(sorted_labels.size) - starts
 
 
+def flipped_labels(labels, preds, num_classes: int, ratio: float) -> tuple[list[int], float]:
+    """Labels whose rows the classifier predicts as one other class more than ``1 / ratio`` times as often as
+    the label itself, and the smallest such ratio over all labels (own / most-predicted other; inf if none).
+
+    After the warm-up this separates class-dependent noise from symmetric noise: where a head class is flipped
+    into a neighbour, the classifier learns the flips, and either the flipped-into label's rows or the source
+    class's own rows go to the other class almost entirely (Fashion-MNIST-LT, asymmetric 0.4: smallest ratio
+    0.006-0.040 over seeds 0-2); under symmetric noise the other classes share a label's wrong rows and the
+    smallest ratio was 0.45-1.6 (imbalance 0.01 and 0.1, seeds 0-2; docs/method.md section 4).
+    """
+    y = _to_numpy(labels).astype(np.int64).reshape(-1)
+    p = _to_numpy(preds).astype(np.int64).reshape(-1)
+    _check_lengths(y.size, p.size)
+    counts = np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    own = np.diag(counts).astype(np.float64)
+    other = np.where(np.eye(num_classes, dtype=bool), -1, counts).max(1).astype(np.float64)
+    present = counts.sum(1) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(other > 0, own / np.maximum(other, 1), np.inf)
+    share = np.where(present, share, np.inf)
+    return [int(k) for k in np.flatnonzero(share < ratio)], float(share.min(initial=np.inf))
+
+
 def agreeing_pool(labels, agree, losses, k: int) -> np.ndarray:
     """Sorted int64 indices of the rows the meta set may come from under ``sampling.meta_pool: agreeing``: every
     row whose given label the classifier agrees with (``agree``), and for a class with fewer than ``k`` such rows

@@ -285,6 +285,7 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
+    from dynloss.epoch import flip_notice
     from pipelines.ray_runtime import quiet_train_worker_logs
     from pipelines.tracking import RunLogger
     from pipelines.train_worker import Worker
@@ -310,6 +311,9 @@ def train_loop(loop_config: dict) -> None:
         _maybe_fail(loop_config, epoch)
         t0 = time.perf_counter()
         metrics = worker.train_epoch(epoch)
+        notice = flip_notice(worker.c, worker.state, metrics)
+        if notice and rank == 0:
+            _say(f"[{cfg.run.name}] {notice}")
         last = epoch == epochs - 1
         warning = None
         if (epoch + 1) % cfg.train.eval_every == 0 or last:

@@ -161,7 +161,9 @@ class Worker:
             self.start_epoch = state["epoch"] + 1
             self.resumed_metrics = read_metrics(checkpoint_dir)  # that epoch's, for MLflow if the dead run had not
             self.state.iteration, self.state.rank_table = state["iteration"], state["rank_table"]
-            self.state.best_top1 = float((state.get("extra") or {}).get("best_top1", float("nan")))
+            extra = state.get("extra") or {}
+            self.state.best_top1 = float(extra.get("best_top1", float("nan")))
+            self.state.flipped, self.state.flip_ratio = extra.get("flipped"), float(extra.get("flip_ratio", "nan"))
             load_rng(checkpoint_dir, rank)
         import ray.train.torch
 
@@ -205,7 +207,8 @@ class Worker:
                               "classes": list(self.manifest.get("classes") or []),
                               "preset": c.preset_name, "mode": c.mode,
                               "image_size": (self.manifest.get("image") or {}).get("size"),
-                              "best_top1": self.state.best_top1})
+                              "best_top1": self.state.best_top1, "flipped": self.state.flipped,
+                              "flip_ratio": self.state.flip_ratio})
             if report is not None:
                 pq.write_table(report, os.path.join(directory, LABEL_REPORT))
             if self.per_class is not None:

@@ -21,6 +21,7 @@ from dynloss.epoch import (
     TrainState,
     evaluate,
     finetune_batches,
+    flip_notice,
     leave_out,
     meta_batches,
     meta_ids,
@@ -139,6 +140,38 @@ def test_the_ranking_pass_ranks_the_loss_the_config_names(digits):
     assert (np.diff(whole["rank"][order]) >= 0).all() and whole["rank"].max() >= 95
     per_label = corpora["adjusted"]
     assert not (np.diff(per_label["rank"][order]) >= 0).all()
+
+
+def test_the_flip_check_decides_once_after_warm_up_and_then_ranks_as_the_two_keys(digits):
+    """``dynamic.flip_check``: the first ranking pass after warm-up decides (``state.flipped``) from the classifier's
+    predictions; a run that found a flipped label ranks exactly as ``rank_loss: adjusted`` + ``rank_within: all``,
+    one that found none exactly as the keys are set, and nothing re-decides later (a resumed run keeps it too)."""
+    from dynloss.sampling import flipped_labels
+
+    def corpus(state, epoch=1, **keys):
+        c = build_components(cfg_for(digits, **keys), read_manifest(digits), "cpu")
+        return c, ranking_pass(c, load_data(c), state, epoch)
+
+    _, authors = corpus(TrainState())
+    _, two_keys = corpus(TrainState(), rank_loss="adjusted", rank_within="all")
+    assert (authors["rank"] != two_keys["rank"]).mean() > 0.05
+    # decided: flipped (some label) or not; the same model, so the same corpus as the keys would give
+    for flipped, same_as in (([3], two_keys), ([], authors)):
+        _, got = corpus(TrainState(flipped=flipped), flip_check=0.125)
+        assert np.array_equal(got["rank"], same_as["rank"]) and np.array_equal(got["loss"], same_as["loss"])
+    # undecided: the pass at the end of warm-up (epoch 1 here) decides from argmax z, the one before it does not
+    state = TrainState()
+    corpus(state, epoch=0, flip_check=1.0)
+    assert state.flipped is None
+    c, got = corpus(state, epoch=1, flip_check=1.0)
+    expected, ratio = flipped_labels(got["label"], got["pred"], c.num_classes, 1.0)
+    assert state.flipped == expected and state.flip_ratio == ratio
+    state.flipped = [0] if not expected else []  # a later pass leaves the decision alone
+    corpus(state, epoch=2, flip_check=1.0)
+    assert state.flipped == ([0] if not expected else [])
+    assert flip_notice(c, state, {}) is None
+    line = flip_notice(c, state, {"rank/flipped_labels": float(len(state.flipped))})
+    assert ("class-dependent noise" in line) == bool(state.flipped)
 
 
 def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(digits):

@@ -200,3 +200,19 @@ def test_clean_seed_takes_right_labels_only_up_to_per_class_and_is_fixed_by_its_
     assert clean_seed(given, np.full_like(true, -1), per_class=5).size == 0  # truth unknown: nothing is known right
     with pytest.raises(ValueError, match="per_class"):
         clean_seed(given, true, per_class=0)
+
+
+def test_flipped_labels_finds_a_label_the_classifier_gives_to_another_class():
+    from dynloss.sampling import flipped_labels
+
+    # label 0: 60% predicted 0, the rest spread (symmetric noise); label 1: 90% predicted 2 (flipped in from 2);
+    # label 2: predicted 2; label 3: no rows at all
+    labels = np.repeat([0, 1, 2], [100, 50, 40])
+    preds = np.concatenate([np.repeat([0, 1, 2], [60, 20, 20]), np.repeat([1, 2], [4, 46]), np.full(40, 2)])
+    found, ratio = flipped_labels(labels, preds, num_classes=4, ratio=0.125)
+    assert found == [1] and ratio == pytest.approx(4 / 46)
+    assert flipped_labels(labels, preds, num_classes=4, ratio=0.05) == ([], pytest.approx(4 / 46))
+    assert flipped_labels(torch.as_tensor(labels), torch.as_tensor(preds), 4, 0.125)[0] == [1]
+    assert flipped_labels(np.zeros(3, np.int64), np.zeros(3, np.int64), 2, 0.5) == ([], float("inf"))
+    with pytest.raises(ValueError):
+        flipped_labels(labels, preds[:-1], 4, 0.125)

@@ -177,6 +177,7 @@ def dynamic_run(ray_local, digits, tmp_path_factory):
     raw = base_config(digits, tmp, "dyn2")
     raw["train"]["epochs"], raw["run"]["max_failures"] = 3, 2
     raw["train"]["ema_decay"] = 0.9  # the weight average through DDP, a resume and `dynloss evaluate`
+    raw["dynamic"]["flip_check"] = 0.125  # decided once at epoch 1, kept through the restart at epoch 2
     cfg = validate(raw)
     started = time.perf_counter()
     result = run(cfg, fail_at_epoch="1:kill,2")
@@ -266,6 +267,8 @@ def test_a_killed_worker_and_a_raising_one_resume_from_the_last_checkpoint(dynam
     averaged = eval_weights(state)  # the weight average went through both restarts with the rest of the state
     assert averaged.keys() == state["model"].keys() and int(state["ema"]["n_averaged"]) >= state["iteration"]
     assert not all(torch.equal(averaged[k], state["model"][k]) for k in averaged)
+    # the flip check decided in epoch 1 (after the kill at its start), and the run resumed for epoch 2 kept it
+    assert steps_of(client, result.run_id, "rank/flipped_labels") == [1] and isinstance(state["extra"]["flipped"], list)
     assert {"config.json", "label_report.parquet", "meta.json", "per_class.json", "rng-rank0.pt", "rng-rank1.pt",
             "state.pt"} <= set(os.listdir(result.checkpoint))
 

@@ -119,7 +119,7 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     else:
         within = d.rank_within == "label" and not class_dependent
         groups = corpus["label"] if within else np.zeros_like(corpus["label"])
-        corpus["rank"] = loss_ranks(groups, corpus["loss"], c.cfg.dynamic.rank_buckets, c.num_classes)
+        corpus["rank"] = loss_ranks(groups, corpus["loss"], d.rank_buckets, c.num_classes)
     table = torch.zeros(c.train_rows, dtype=torch.long)
     table[torch.as_tensor(corpus["id"])] = torch.as_tensor(corpus["rank"])
     state.rank_table, state.corpus = table, corpus

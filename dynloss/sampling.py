@@ -225,10 +225,7 @@ def flipped_labels(labels, preds, num_classes: int, ratio: float) -> tuple[list[
     counts = np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     own = np.diag(counts).astype(np.float64)
     other = np.where(np.eye(num_classes, dtype=bool), -1, counts).max(1).astype(np.float64)
-    present = counts.sum(1) > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(other > 0, own / np.maximum(other, 1), np.inf)
-    share = np.where(present, share, np.inf)
+    share = np.where(other > 0, own / np.maximum(other, 1), np.inf)  # inf: no row of it predicted as another class
     return [int(k) for k in np.flatnonzero(share < ratio)], float(share.min(initial=np.inf))
 
 

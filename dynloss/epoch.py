@@ -66,7 +66,8 @@ class TrainState:
     corpus: dict[str, np.ndarray] | None = None     # that pass, gathered and sorted by id, with "rank"
     best_top1: float = float("nan")                 # best evaluation after warm-up (collapse watch)
     flipped: list[int] | None = None                # labels the flip check found (None: not checked yet)
-    flip_ratio: float = float("nan")                # its smallest own / most-predicted-other ratio
+    flip_ratio: float = float("nan")                # its smallest own / most-predicted-other ratio (that epoch's
+    #                                                 metric; not kept in checkpoints, nothing reads it later)
 
 
 def leave_out(batch: Batch, exclude: torch.Tensor | None) -> Batch:
@@ -262,12 +263,12 @@ def flip_notice(c: Components, state: TrainState, metrics: dict[str, float]) -> 
     """The line a driver prints the epoch the flip check decided (``dynamic.flip_check``), else None."""
     if "rank/flipped_labels" not in metrics:
         return None
-    limit = c.cfg.dynamic.flip_check
+    limit, ratio = c.cfg.dynamic.flip_check, metrics["rank/flip_ratio"]
     if not state.flipped:
-        return (f"flip check: no label looks flipped (smallest own / other prediction ratio {state.flip_ratio:.3f}, "
+        return (f"flip check: no label looks flipped (smallest own / other prediction ratio {ratio:.3f}, "
                 f">= {limit}): ranking as configured")
     return (f"flip check: label(s) {', '.join(map(str, state.flipped))} look flipped from or into another class "
-            f"(own / other prediction ratio {state.flip_ratio:.3f} < {limit}): class-dependent noise, ranking every "
+            f"(own / other prediction ratio {ratio:.3f} < {limit}): class-dependent noise, ranking every "
             "row by CE of z + margins from now on (dynamic.rank_loss: adjusted, rank_within: all)")
 
 

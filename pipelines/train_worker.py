@@ -163,7 +163,7 @@ class Worker:
             self.state.iteration, self.state.rank_table = state["iteration"], state["rank_table"]
             extra = state.get("extra") or {}
             self.state.best_top1 = float(extra.get("best_top1", float("nan")))
-            self.state.flipped, self.state.flip_ratio = extra.get("flipped"), float(extra.get("flip_ratio", "nan"))
+            self.state.flipped = extra.get("flipped")  # the flip check's decision, not made again
             load_rng(checkpoint_dir, rank)
         import ray.train.torch
 
@@ -207,8 +207,7 @@ class Worker:
                               "classes": list(self.manifest.get("classes") or []),
                               "preset": c.preset_name, "mode": c.mode,
                               "image_size": (self.manifest.get("image") or {}).get("size"),
-                              "best_top1": self.state.best_top1, "flipped": self.state.flipped,
-                              "flip_ratio": self.state.flip_ratio})
+                              "best_top1": self.state.best_top1, "flipped": self.state.flipped})
             if report is not None:
                 pq.write_table(report, os.path.join(directory, LABEL_REPORT))
             if self.per_class is not None:

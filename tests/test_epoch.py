@@ -170,7 +170,7 @@ def test_the_flip_check_decides_once_after_warm_up_and_then_ranks_as_the_two_key
     corpus(state, epoch=2, flip_check=1.0)
     assert state.flipped == ([0] if not expected else [])
     assert flip_notice(c, state, {}) is None
-    line = flip_notice(c, state, {"rank/flipped_labels": float(len(state.flipped))})
+    line = flip_notice(c, state, {"rank/flipped_labels": float(len(state.flipped)), "rank/flip_ratio": ratio})
     assert ("class-dependent noise" in line) == bool(state.flipped)
 
 

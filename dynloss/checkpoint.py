@@ -7,8 +7,7 @@ Layout of a checkpoint directory (what the Ray Train loop reports every epoch):
                     (it also holds the resolved config and ``extra``: train class counts, class names, preset)
   rng-rank{r}.pt    each worker's RNG states (python, numpy, torch CPU, CUDA), restored by the same rank
   config.json       the resolved config (dynloss.config.Config.resolved()), human-readable
-  meta.json         epoch, iteration, metrics of that epoch (for people and scripts; a resumed run logs them to
-                    MLflow when the dead run was killed before it had)
+  meta.json         epoch, iteration, metrics of that epoch (for people and scripts; not read back)
   per_class.json    per-class test accuracy of the epoch's evaluation      (written by pipelines.train)
   label_report.parquet  id, given/predicted/true label, trust w (last epoch; written by pipelines.train)
 Everything is plain tensors / numbers / strings, so ``torch.load(..., weights_only=True)`` reads it: a
@@ -174,11 +173,3 @@ def read_config(directory: str) -> dict:
     with open(os.path.join(directory, CONFIG)) as f:
         return json.load(f)
 
-
-def read_metrics(directory: str) -> dict:
-    """The metrics of the checkpoint's epoch (meta.json); empty when the file is missing or unreadable."""
-    try:
-        with open(os.path.join(directory, META)) as f:
-            return dict(json.load(f).get("metrics") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}

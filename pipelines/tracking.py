@@ -126,16 +126,6 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def metrics_if_missing(self, values: Mapping[str, float], step: int) -> bool:
-        """Log ``values`` at ``step`` unless the run already has that step (its ``epoch`` metric); True if logged.
-
-        A resumed run's last checkpointed epoch: Ray Train registers a checkpoint before rank 0 logs that epoch,
-        so a driver killed in between leaves the epoch checkpointed but missing from MLflow."""
-        if any(m.step == step for m in self.client.get_metric_history(self.run_id, "epoch")):
-            return False
-        self.metrics(values, step)
-        return True
-
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         """A file, or every file of a directory."""
         if os.path.isdir(path):

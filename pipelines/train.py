@@ -304,8 +304,6 @@ def train_loop(loop_config: dict) -> None:
         else None
     if rank == 0 and worker.start_epoch:
         _say(f"[{cfg.run.name}] resumed after epoch {worker.start_epoch - 1}")
-        if logger is not None and worker.resumed_metrics:
-            logger.metrics_if_missing(worker.resumed_metrics, step=worker.start_epoch - 1)
     times = []
     for epoch in range(worker.start_epoch, epochs):
         _maybe_fail(loop_config, epoch)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dynloss.builder import Components, build_components, build_preset
-from dynloss.checkpoint import load_rng, load_state, read_metrics, restore, save_rng, save_state
+from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
 from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
 from dynloss.data.batches import SHARD_COLUMNS, iter_local_batches, read_rows, views_from_rows
@@ -148,7 +148,7 @@ class Worker:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.manifest = read_manifest(cfg.data.path)
         self.c = build_components(cfg, self.manifest, device, world=world, rank=rank)
-        self.state, self.start_epoch, self.resumed_metrics = TrainState(), 0, {}
+        self.state, self.start_epoch = TrainState(), 0
         if checkpoint_dir is not None:
             state = load_state(checkpoint_dir, map_location=device)
             # a run extended to more epochs (pipelines.resume) gets the schedule of its new length
@@ -159,7 +159,6 @@ class Worker:
             if extended:
                 fast_forward(self.c.scheduler, state["iteration"])
             self.start_epoch = state["epoch"] + 1
-            self.resumed_metrics = read_metrics(checkpoint_dir)  # that epoch's, for MLflow if the dead run had not
             self.state.iteration, self.state.rank_table = state["iteration"], state["rank_table"]
             extra = state.get("extra") or {}
             self.state.best_top1 = float(extra.get("best_top1", float("nan")))

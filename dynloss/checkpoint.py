@@ -7,7 +7,8 @@ Layout of a checkpoint directory (what the Ray Train loop reports every epoch):
                     (it also holds the resolved config and ``extra``: train class counts, class names, preset)
   rng-rank{r}.pt    each worker's RNG states (python, numpy, torch CPU, CUDA), restored by the same rank
   config.json       the resolved config (dynloss.config.Config.resolved()), human-readable
-  meta.json         epoch, iteration, metrics of that epoch (for people and scripts; not read back)
+  meta.json         epoch, iteration, metrics of that epoch (for people and scripts; a rerun logs them to MLflow
+                    when the killed run had registered the epoch but not yet logged it: pipelines.train)
   per_class.json    per-class test accuracy of the epoch's evaluation      (written by pipelines.train)
   label_report.parquet  id, given/predicted/true label, trust w (last epoch; written by pipelines.train)
 Everything is plain tensors / numbers / strings, so ``torch.load(..., weights_only=True)`` reads it: a
@@ -173,3 +174,13 @@ def read_config(directory: str) -> dict:
     with open(os.path.join(directory, CONFIG)) as f:
         return json.load(f)
 
+
+def read_metrics(path: str) -> dict:
+    """The metrics of a checkpoint's epoch (its meta.json; local path or URI); empty when missing or unreadable."""
+    from dynloss.data import storage
+
+    fs, root = storage.resolve(path)
+    try:
+        return dict(json.loads(storage.read_bytes(fs, storage.join(root, META))).get("metrics") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}

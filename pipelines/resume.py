@@ -25,6 +25,7 @@ from dynloss.data import storage
 RESUMABLE = ("train.epochs", "train.eval_every", "data.decode_cpus", "data.decode_concurrency", "data.cache_mb",
              "scaling.torch_threads", "run.")
 CHECKPOINT_PREFIX = "checkpoint_epoch"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
 @dataclass
@@ -37,10 +38,19 @@ class Resume:
 
 
 def last_checkpoint(run_dir: str) -> str | None:
-    """The run's newest ``checkpoint_epochNNNN`` directory (local path or URI), or None."""
+    """The checkpoint a rerun resumes from (local path or URI), or None: the latest one Ray Train registered (its
+    ``SNAPSHOT``), which a kill can leave one behind the newest directory (written by the workers, then registered);
+    the newest ``checkpoint_epochNNNN`` directory where there is no readable snapshot."""
     fs, path = storage.resolve(run_dir)
     if not storage.is_dir(fs, path):
         return None
+    snapshot = storage.join(path, SNAPSHOT)
+    if storage.is_file(fs, snapshot):
+        try:
+            latest = json.loads(storage.read_bytes(fs, snapshot))["latest_checkpoint_result"]
+            return storage.join(run_dir, latest["checkpoint_dir_name"]) if latest else None
+        except (ValueError, KeyError, TypeError):  # torn or foreign: Ray Train refuses it too, the directories say more
+            pass
     names = sorted(i.base_name for i in storage.list_dir(fs, path)
                    if i.type == storage.pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX))
     return storage.join(run_dir, names[-1]) if names else None
@@ -62,6 +72,8 @@ def inspect(cfg: Config, run_dir: str) -> Resume:
     checkpoint = last_checkpoint(run_dir)
     if checkpoint is None:
         return Resume()
+    from dynloss.checkpoint import read_metrics
+
     state = _saved(checkpoint)
     epoch = int(state["epoch"])
     old, new = flatten(state["config"]), flatten(cfg.resolved())
@@ -73,7 +85,7 @@ def inspect(cfg: Config, run_dir: str) -> Resume:
                            f"trained with another config ({len(refused)} key{'s' * (len(refused) > 1)} differ: "
                            f"{'; '.join(lines)}); give this config a new run.name (--set run.name=NEW), or start "
                            "that run afresh with --restart (its checkpoints are moved aside, not deleted)"])
-    return Resume(epoch, checkpoint, diff, finished=epoch + 1 >= cfg.train.epochs, metrics=dict(state.get("metrics") or {}))
+    return Resume(epoch, checkpoint, diff, finished=epoch + 1 >= cfg.train.epochs, metrics=read_metrics(checkpoint))
 
 
 def move_aside(run_dir: str) -> str | None:

@@ -5,9 +5,12 @@ Who logs what (DESIGN.md section 5; rank 0 only among the workers):
                             the same MLflow run, its id kept in STORAGE/NAME/mlflow_run.json), logs the whole
                             resolved config flattened as params, and at the end the final checkpoint directory
                             (artifact ``checkpoint/``), ``label_report.parquet`` and the run status;
-  rank-0 worker             metrics every epoch under stable slash names (train/loss, meta/trust_clean,
-                            eval/top1, data/corrupt, time/images_per_s, ...; step = epoch) and the plots
-                            ``plots/margins.png`` (learned margins against log prior: logit adjustment is the
+  Train controller          metrics every epoch under stable slash names (train/loss, meta/trust_clean,
+                            eval/top1, data/corrupt, time/images_per_s, ...; step = epoch), rank 0's report, once
+                            Ray Train has registered that epoch's checkpoint (``EpochMetrics``): an epoch whose
+                            checkpoint was lost to a failure is trained again and logged once, by the run that
+                            registers it;
+  rank-0 worker             the plots ``plots/margins.png`` (learned margins against log prior: logit adjustment is the
                             line y = x) and ``plots/trust_curves.png`` (the corrector's rank-to-trust curves).
 Default store: ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses a plain file store by
 default); ``--mlflow-uri http://HOST:5000`` for a tracking server, which workers on other nodes can reach.
@@ -26,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from ray.train import UserCallback
 
 from dynloss.config import flatten
 from dynloss.data import storage
@@ -126,6 +130,13 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    def metrics_if_missing(self, values: Mapping[str, float], step: int) -> bool:
+        """Log ``values`` at ``step`` unless the run has that step of its ``epoch`` metric already; True if logged."""
+        if any(m.step == step for m in self.client.get_metric_history(self.run_id, "epoch")):
+            return False
+        self.metrics(values, step)
+        return True
+
     def artifact(self, path: str, artifact_path: str | None = None) -> None:
         """A file, or every file of a directory."""
         if os.path.isdir(path):
@@ -144,6 +155,31 @@ class RunLogger:
 
                 plt.close(fig)
                 self.artifact(path, "plots")
+
+
+class EpochMetrics(UserCallback):
+    """Logs rank 0's report of each epoch at step ``epoch``, on the Train controller, right after Ray Train has
+    registered that epoch's checkpoint (the controller's checkpoint manager handles a report before user callbacks).
+
+    Logging from the worker instead, right after ``ray.train.report``, logs an epoch twice when a worker dies before
+    the controller has collected every worker's report of it: the checkpoint is dropped, the epoch trained again.
+    A tracking store that fails after MLflow's own retries costs a warning, not the run: the epoch's metrics are in
+    its checkpoint's meta.json."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id, self._logger = uri, run_id, None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        values = metrics[0] if metrics else {}
+        if "epoch" not in values:
+            return
+        try:
+            self._logger = self._logger or RunLogger(self.uri, self.run_id)
+            self._logger.metrics(values, step=int(values["epoch"]))
+        except Exception as e:  # noqa: BLE001 - any store failure: training goes on
+            where = f" ({checkpoint.path}/meta.json)" if checkpoint is not None else ""
+            print(f"MLflow: epoch {int(values['epoch'])}'s metrics not logged to run {self.run_id} at {self.uri}: "
+                  f"{type(e).__name__}: {e}; they are in its checkpoint{where}", file=sys.stderr, flush=True)
 
 
 def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, status: str = "FINISHED",

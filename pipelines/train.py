@@ -209,6 +209,8 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: str | int | N
     run_id, resumed = tracking.start_run(cfg.run.mlflow_uri, cfg.run.experiment, cfg.run.name, run_dir,
                                          cfg.resolved(), tags={"dynloss.command": " ".join(sys.argv), **(tags or {})},
                                          reopen=before.checkpoint is not None)  # a run with no checkpoint starts over
+    if resumed and before.metrics:  # a driver killed between Ray Train's registration and EpochMetrics' log
+        tracking.RunLogger(cfg.run.mlflow_uri, run_id).metrics_if_missing(before.metrics, step=before.epoch)
     print(f"[{cfg.run.name}] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {cfg.run.mlflow_uri}; "
           f"{cfg.scaling.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in {run_dir}", flush=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -219,7 +221,8 @@ def run(cfg: Config, *, address: str | None = None, fail_at_epoch: str | int | N
                                "run_dir": run_dir, "fail_at_epoch": fail_at_epoch, "verbose": verbose},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
+            run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
+                                 callbacks=[tracking.EpochMetrics(cfg.run.mlflow_uri, run_id), *callbacks],
                                  failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                                  logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -330,8 +333,7 @@ def train_loop(loop_config: dict) -> None:
                  f"{metrics['time/images_per_s']:.0f} img/s  {times[-1]:.1f} s  ~{left:.0f} s left")
             if warning:
                 _say(f"[{cfg.run.name}] {warning}")
-            if logger is not None:
-                logger.metrics(metrics, step=epoch)
+            if logger is not None:  # the epoch's metrics: tracking.EpochMetrics, once Ray Train registers it
                 plots = worker.plot_inputs()
                 if plots is not None and ("eval/top1" in metrics or last):
                     logger.plots(*plots, epoch=epoch)

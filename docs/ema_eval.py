@@ -31,19 +31,24 @@ c.optimizer.register_step_post_hook(lambda opt, a, kw: [e.update_parameters(c.in
 rows = []
 for epoch in range(cfg.train.epochs):
     run_epoch(c, data, state, epoch)
-    row = {"epoch": epoch, "raw": evaluate(c, data, epoch)[0]["eval/top1"]}
-    for d, e in averages.items():
+    row, shots = {"epoch": epoch}, {}
+    for name, e in [("raw", None)] + [(f"ema{d}", e) for d, e in averages.items()]:
         c.ema = e  # evaluate() takes the average the run keeps
-        row[f"ema{d}"] = evaluate(c, data, epoch)[0]["eval/top1"]
+        m = evaluate(c, data, epoch)[0]
+        row[name] = m["eval/top1"]
+        shots[name] = [m[f"eval/{k}_shot"] for k in ("many", "medium", "few")]
     c.ema = None
+    row["shots"] = shots  # many / medium / few-shot accuracy of each
     rows.append(row)
     print(json.dumps(row), flush=True)
 warmup = cfg.dynamic.warmup_epochs
 for key in rows[0]:
-    if key != "epoch":
+    if key not in ("epoch", "shots"):
         t = [r[key] for r in rows]
         drop = max((max(t[warmup:i + 1]) - t[i] for i in range(warmup, len(t))), default=float("nan"))
-        print(f"{key:>9}: final {100 * t[-1]:.2f}  largest drop after warm-up {100 * drop:.1f}")
+        shots = " / ".join(f"{100 * v:.2f}" for v in rows[-1]["shots"][key])
+        print(f"{key:>9}: final {100 * t[-1]:.2f}  many / medium / few {shots}  "
+              f"largest drop after warm-up {100 * drop:.1f}")
 if args.json:
     with open(args.json, "w") as f:
         json.dump(rows, f)

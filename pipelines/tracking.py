@@ -33,6 +33,7 @@ from ray.train import UserCallback
 
 from dynloss.config import flatten
 from dynloss.data import storage
+from pipelines.resume import CHECKPOINT_PREFIX
 
 MARKER = "mlflow_run.json"
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
@@ -173,13 +174,14 @@ class EpochMetrics(UserCallback):
         values = metrics[0] if metrics else {}
         if "epoch" not in values:
             return
+        epoch = int(values["epoch"])
         try:
             self._logger = self._logger or RunLogger(self.uri, self.run_id)
-            self._logger.metrics(values, step=int(values["epoch"]))
+            self._logger.metrics(values, step=epoch)
         except Exception as e:  # noqa: BLE001 - any store failure: training goes on
-            where = f" ({checkpoint.path}/meta.json)" if checkpoint is not None else ""
-            print(f"MLflow: epoch {int(values['epoch'])}'s metrics not logged to run {self.run_id} at {self.uri}: "
-                  f"{type(e).__name__}: {e}; they are in its checkpoint{where}", file=sys.stderr, flush=True)
+            where = checkpoint.path if checkpoint is not None else f"{CHECKPOINT_PREFIX}{epoch:04d}"
+            print(f"MLflow: epoch {epoch}'s metrics not logged to run {self.run_id} at {self.uri}: "
+                  f"{type(e).__name__}: {e}; they are in {where}/meta.json", file=sys.stderr, flush=True)
 
 
 def finish_run(uri: str, run_id: str, checkpoint_dir: str | None, status: str = "FINISHED",

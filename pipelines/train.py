@@ -290,6 +290,7 @@ def train_loop(loop_config: dict) -> None:
 
     from dynloss.epoch import flip_notice
     from pipelines.ray_runtime import quiet_train_worker_logs
+    from pipelines.resume import CHECKPOINT_PREFIX
     from pipelines.tracking import RunLogger
     from pipelines.train_worker import Worker
 
@@ -326,7 +327,7 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             worker.save(d, epoch, metrics, report)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+                             checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}")
         if rank == 0:
             left = sum(times) / len(times) * (epochs - epoch - 1)
             _say(f"[{cfg.run.name}] epoch {epoch + 1}/{epochs}  {final_line(metrics)}  "

@@ -173,3 +173,29 @@ def test_a_resumed_run_logs_its_registered_epoch_once(tmp_path):
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.5)]
     assert read_metrics(str(tmp_path / "missing")) == {}
+
+
+def test_epoch_metrics_go_to_mlflow_once_per_report_and_a_failing_store_costs_a_warning(tmp_path, capsys):
+    """`tracking.EpochMetrics`, the Train controller's callback, called as Ray Train calls it after registering a
+    report: rank 0's metrics at step `epoch`; a store it cannot write to is named in a warning, training goes on."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import EpochMetrics
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("epochs")).info.run_id
+    callback = EpochMetrics(uri, run_id)
+    for epoch in (0, 1):
+        callback.after_report(None, [{"epoch": epoch, "train/loss": 2.0 - epoch}, {"epoch": epoch, "train/loss": 9.0}],
+                              checkpoint=None)
+    callback.after_report(None, [{"note": 1.0}], checkpoint=None)  # not an epoch's report: nothing
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.0)]  # rank 0's values
+    assert client.get_metric_history(run_id, "note") == []
+
+    (tmp_path / "not-a-dir").write_text("")
+    broken = EpochMetrics(f"sqlite:///{tmp_path}/not-a-dir/mlflow.db", run_id)
+    broken.after_report(None, [{"epoch": 4, "train/loss": 0.5}], checkpoint=None)  # does not raise
+    err = capsys.readouterr().err
+    assert "epoch 4's metrics not logged" in err and "not-a-dir" in err and "meta.json" in err

@@ -121,7 +121,6 @@ def test_a_killed_driver_rerun_resumes_in_the_same_mlflow_run(digits, tmp_path):
     assert (run_dir / f"checkpoint_epoch{EPOCHS - 1:04d}").is_dir()
 
 
-
 def _checkpoint(directory, epoch: int, loss: float) -> None:
     import torch
 

@@ -7,6 +7,7 @@ decays side by side (what ``train.ema_decay`` evaluates; docs/method.md section 
 import argparse
 import json
 
+import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dynloss.builder import build_components
@@ -21,16 +22,17 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--decay", type=float, nargs="+", default=[0.995])
 p.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides, as dynloss train")
 p.add_argument("--json", help="write the per-epoch rows here")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = p.parse_args()
 cfg = load_config(args.config, ["data.prepare=null", f"data.path={args.data}", f"train.seed={args.seed}",
                                 "train.ema_decay=null", *args.set])
-c = build_components(cfg, check_dataset(cfg), "cpu")
+c = build_components(cfg, check_dataset(cfg), args.device)
 data, state = load_data(c), TrainState()
 averages = {d: AveragedModel(c.inner, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.decay}
 c.optimizer.register_step_post_hook(lambda opt, a, kw: [e.update_parameters(c.inner) for e in averages.values()])
 rows = []
 for epoch in range(cfg.train.epochs):
-    run_epoch(c, data, state, epoch)
+    trained = run_epoch(c, data, state, epoch)
     row, shots = {"epoch": epoch}, {}
     for name, e in [("raw", None)] + [(f"ema{d}", e) for d, e in averages.items()]:
         c.ema = e  # evaluate() takes the average the run keeps
@@ -39,11 +41,12 @@ for epoch in range(cfg.train.epochs):
         shots[name] = [m[f"eval/{k}_shot"] for k in ("many", "medium", "few")]
     c.ema = None
     row["shots"] = shots  # many / medium / few-shot accuracy of each
+    row["train"] = {k: v for k, v in trained.items() if isinstance(v, (int, float))}  # trust, AUC, loss, ...
     rows.append(row)
     print(json.dumps(row), flush=True)
 warmup = cfg.dynamic.warmup_epochs
 for key in rows[0]:
-    if key not in ("epoch", "shots"):
+    if key not in ("epoch", "shots", "train"):
         t = [r[key] for r in rows]
         drop = max((max(t[warmup:i + 1]) - t[i] for i in range(warmup, len(t))), default=float("nan"))
         shots = " / ".join(f"{100 * v:.2f}" for v in rows[-1]["shots"][key])

@@ -20,10 +20,10 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dynloss.data import SOURCES
 from dynloss.data.storage import is_uri
@@ -34,7 +34,9 @@ from dynloss.models import MODELS
 from dynloss.noise import CONVENTIONS, PROFILES, parse_noise
 
 DYNAMIC = "dynamic"
-Switch = Literal["auto", "on", "off"]
+# YAML 1.1 reads a bare on / off as a boolean (`--set train.amp=off`): take it as the word it was
+Switch = Annotated[Literal["auto", "on", "off"],
+                   BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)]
 
 
 class ConfigError(ValueError):

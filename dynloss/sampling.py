@@ -216,9 +216,10 @@ def flipped_labels(labels, preds, num_classes: int, ratio: float) -> tuple[list[
     After the warm-up this separates class-dependent noise from symmetric noise: where a head class is flipped
     into a neighbour, the classifier learns the flips, and either the flipped-into label's rows or the source
     class's own rows go to the other class almost entirely (Fashion-MNIST-LT, asymmetric 0.4: smallest ratio
-    0.006-0.040 over seeds 0-2); under symmetric noise the other classes share a label's wrong rows and the
-    smallest ratio was 0.45-1.6 (imbalance 0.01 and 0.1, seeds 0-2; docs/method.md section 4). Milder
-    class-dependent noise (asymmetric 0.2, or imbalance 0.1) gave 0.04-0.82: the check fired on one seed of three.
+    0.006-0.040 over seeds 0-2 on the CPU, 0.000-0.135 over seeds 0-4 on a GPU); under symmetric noise the other
+    classes share a label's wrong rows and the smallest ratio was 0.235-3.3 (noise 0.4, imbalance 0.01 and 0.1;
+    docs/method.md section 4). Milder class-dependent noise (asymmetric 0.2, or imbalance 0.1) gave 0.04-0.82: the
+    check fired on one seed of three.
     """
     y = _to_numpy(labels).astype(np.int64).reshape(-1)
     p = _to_numpy(preds).astype(np.int64).reshape(-1)

@@ -82,6 +82,10 @@ def test_overrides_are_yaml_values_and_reach_nested_keys(prepared):
         "sampling.per_class=3", "loss.name=ldam"])
     assert cfg.optim.lr == 0.05 and cfg.optim.milestones == [10, 20] and cfg.scaling.use_gpu is False
     assert cfg.sampling.per_class == 3 and cfg.loss.name == "ldam"
+    # YAML reads a bare off / on as a boolean: the switches take it as the word
+    cfg = validate({"data": {"path": prepared}}, overrides=["train.amp=off", "train.channels_last=on"])
+    assert (cfg.train.amp, cfg.train.channels_last) == ("off", "on")
+    assert any(e.startswith("train.amp:") for e in errors_of({"data": {"path": prepared}}, overrides=["train.amp=2"]))
     assert parse_override("a.b=") == (["a", "b"], None)
     errors = errors_of({"data": {"path": prepared}}, overrides=["optim.lr", "optim.lrr=1"])
     assert any("expected key.sub=value" in e for e in errors)

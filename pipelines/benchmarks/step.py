@@ -81,8 +81,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+PRECISION = {"auto": {}, "fp32": {"amp": "off", "channels_last": "off"}}  # --precision -> train.* keys
+
+
 def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: str, seed: int = 0,
-            profile: bool = False, repeats: int = 3) -> dict:
+            profile: bool = False, repeats: int = 3, precision: str = "auto") -> dict:
     """One row in this process: seconds per iteration (the fastest of ``repeats`` timed windows of ``iters``
     iterations: other processes on the host only ever slow a window down) and peak memory above the state
     before the first step."""
@@ -94,7 +97,8 @@ def measure(model: str, row: Row, batch: int, iters: int, warmup: int, device: s
 
     dynamic = {"scope": row.scope, "meta_grad": row.meta_grad, "meta_interval": row.interval} \
         if row.loss == "dynamic" else {}
-    c = synthetic_components(model, batch, device, loss=row.loss, dynamic=dynamic, rows=batch * (iters + warmup))
+    c = synthetic_components(model, batch, device, loss=row.loss, dynamic=dynamic, rows=batch * (iters + warmup),
+                             train=PRECISION[precision])
     cfg = c.cfg
     k = row.interval
     n_iters, n_warm = -(-iters // k) * k, -(-max(warmup, 2) // k) * k
@@ -182,21 +186,22 @@ def run_step(args: argparse.Namespace) -> int:
         return 0
     if args.profile:
         row = next(r for r in ROWS if r.loss == "dynamic" and r.scope == args.profile)
-        measure(models[0], row, args.batch_size, args.iters, args.warmup, device, args.seed, profile=True)
+        measure(models[0], row, args.batch_size, args.iters, args.warmup, device, args.seed, profile=True,
+                precision=args.precision)
         return 0
     results = []
     ctx = mp.get_context("spawn")
     for model in models:
         for row in rows:
             job = (model, row, args.batch_size, args.iters, args.warmup, device, args.seed, False, args.repeats,
-                   threads)
+                   args.precision, threads)
             if args.in_process:
                 results.append(_measure_in_child(job))
             else:
                 with ctx.Pool(1) as pool:
                     results.append(pool.apply(_measure_in_child, (job,)))
     name = device_name(device) + ("" if str(device).startswith("cuda") else f", {threads} threads")
-    report = {"benchmark": "step", "device": name, "torch": torch.__version__,
+    report = {"benchmark": "step", "device": name, "torch": torch.__version__, "precision": args.precision,
               "threads": threads, "batch_size": args.batch_size, "rows": _with_ratios(results),
               "host_cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
     emit(report, print_step, args.json)
@@ -274,14 +279,16 @@ def _with_ratios(results: list[dict]) -> list[dict]:
 def print_step(report: dict) -> None:
     print(f"step: {report['device']}, torch {report['torch']}, batch {report['batch_size']}, "
           f"1-min load {report['load_average_1min']:.1f} on {report['host_cpus']} CPUs")
-    print(f"{'model':<11}{'row':<30}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'amp':>6}  target")
+    print(f"{'model':<11}{'row':<30}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'img/s':>8}{'amp':>6}"
+          f"{'NHWC':>5}  target")
     for r in report["rows"]:
         t = f"{r['time_x_ce']:.2f}" if r["time_x_ce"] is not None else "-"
         m = f"{r['memory_x_ce']:.2f}" if r["memory_x_ce"] is not None else "-"
         target = "" if r["target_x_ce"] is None else \
             f"<= {r['target_x_ce']}x: {'met' if r['target_met'] else 'NOT met'}"
         print(f"{r['model']:<11}{r['row']:<30}{r['seconds_per_iter'] * 1e3:>9.1f}{t:>7}{r['peak_memory_mb']:>9.0f}"
-              f"{m:>7}{r['amp']:>6}  {target}")
+              f"{m:>7}{r['batch_size'] / r['seconds_per_iter']:>8.0f}{r['amp']:>6}{'yes' if r['channels_last'] else 'no':>5}"
+              f"  {target}")
 
 
 @subcommand("step", help="one training iteration: Dynamic Loss (full/head, interval 1/4) vs CE, time and memory")
@@ -297,6 +304,9 @@ def step(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per row; the fastest counts")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=sorted(PRECISION), default="auto",
+                        help="auto: bfloat16 autocast + channels_last where `dynloss train` turns them on (a GPU); "
+                             "fp32: both off (train.amp=off, train.channels_last=off)")
     parser.add_argument("--profile", choices=["full", "head"], default=None,
                         help="print a torch.profiler table of that scope's step on the first model instead")
     parser.add_argument("--phases", action="store_true",

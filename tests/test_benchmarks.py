@@ -11,16 +11,25 @@ def test_step_benchmark_runs_each_row_in_its_own_process_and_reports_ratios(tmp_
     out = tmp_path / "step.json"
     rows = ["CE", "full jvp k=1", "full double_backward k=1", "head k=4"]
     assert main(["step", "--models", "small_cnn", "--rows", *rows, "--batch-size", "8", "--iters", "2",
-                 "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+                 "--warmup", "1", "--repeats", "1", "--device", "cpu", "--precision", "fp32", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert [r["row"] for r in report["rows"]] == rows
+    assert [r["row"] for r in report["rows"]] == rows and report["precision"] == "fp32"
     for r in report["rows"]:
         assert r["model"] == "small_cnn" and r["device"] == "cpu" and r["input"] == [1, 28, 28]
+        assert r["amp"] == "off" and r["channels_last"] is False
         assert r["seconds_per_iter"] > 0 and r["peak_memory_mb"] >= 0 and r["time_x_ce"] > 0
         assert f"{r['seconds_per_iter'] * 1e3:.1f}" in printed
     assert report["rows"][0]["time_x_ce"] == 1.0
     assert report["rows"][-1]["iters"] == 4  # rounded up to whole meta-interval cycles
+
+
+def test_step_benchmark_precision_sets_the_config_keys_the_builder_reads():
+    from pipelines.benchmarks.step import PRECISION, synthetic_components
+
+    c = synthetic_components("small_cnn", 8, "cpu", train=PRECISION["fp32"])
+    assert (c.cfg.train.amp, c.cfg.train.channels_last) == ("off", "off")
+    assert (synthetic_components("small_cnn", 8, "cpu", train=PRECISION["auto"]).cfg.train.amp) == "auto"
 
 
 def test_step_benchmark_times_the_passes_of_a_step(capsys):

@@ -279,7 +279,7 @@ def _with_ratios(results: list[dict]) -> list[dict]:
 def print_step(report: dict) -> None:
     print(f"step: {report['device']}, torch {report['torch']}, batch {report['batch_size']}, "
           f"1-min load {report['load_average_1min']:.1f} on {report['host_cpus']} CPUs")
-    print(f"{'model':<11}{'row':<30}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'img/s':>8}{'amp':>6}"
+    print(f"{'model':<11}{'row':<30}{'ms/iter':>9}{'x CE':>7}{'peak MB':>9}{'x CE':>7}{'img/s':>8}{'amp':>10}"
           f"{'NHWC':>5}  target")
     for r in report["rows"]:
         t = f"{r['time_x_ce']:.2f}" if r["time_x_ce"] is not None else "-"
@@ -287,8 +287,8 @@ def print_step(report: dict) -> None:
         target = "" if r["target_x_ce"] is None else \
             f"<= {r['target_x_ce']}x: {'met' if r['target_met'] else 'NOT met'}"
         print(f"{r['model']:<11}{r['row']:<30}{r['seconds_per_iter'] * 1e3:>9.1f}{t:>7}{r['peak_memory_mb']:>9.0f}"
-              f"{m:>7}{r['batch_size'] / r['seconds_per_iter']:>8.0f}{r['amp']:>6}{'yes' if r['channels_last'] else 'no':>5}"
-              f"  {target}")
+              f"{m:>7}{r['batch_size'] / r['seconds_per_iter']:>8.0f}{r['amp']:>10}"
+              f"{'yes' if r['channels_last'] else 'no':>5}  {target}")
 
 
 @subcommand("step", help="one training iteration: Dynamic Loss (full/head, interval 1/4) vs CE, time and memory")

@@ -3,14 +3,15 @@ decays side by side (what ``train.ema_decay`` evaluates; docs/method.md section 
 
     OMP_NUM_THREADS=1 python docs/ema_eval.py --data data/fmnist_lt001_asym04 --seed 1 --decay 0.99 0.995 0.998 \
         --set loss.name=ce
+    python docs/ema_eval.py --data data/fmnist_lt001_sym04 --decay 0.995 0.995w     # w: with train.ema_warmup
 """
 import argparse
 import json
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
-from dynloss.builder import build_components
+from dynloss.builder import build_components, ema_update
 from dynloss.config import check_dataset, load_config
 from dynloss.epoch import TrainState, evaluate, run_epoch
 from dynloss.local import load_data
@@ -19,7 +20,8 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--config", default="pipelines/configs/fashion_mnist_lt.yaml")
 p.add_argument("--data", required=True)
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--decay", type=float, nargs="+", default=[0.995])
+p.add_argument("--decay", nargs="+", default=["0.995"],
+               help="decays of the averages kept side by side; a trailing w warms the decay up (train.ema_warmup)")
 p.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides, as dynloss train")
 p.add_argument("--json", help="write the per-epoch rows here")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -28,7 +30,8 @@ cfg = load_config(args.config, ["data.prepare=null", f"data.path={args.data}", f
                                 "train.ema_decay=null", *args.set])
 c = build_components(cfg, check_dataset(cfg), args.device)
 data, state = load_data(c), TrainState()
-averages = {d: AveragedModel(c.inner, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True) for d in args.decay}
+averages = {d: AveragedModel(c.inner, multi_avg_fn=ema_update(float(d.rstrip("w")), d.endswith("w")), use_buffers=True)
+            for d in args.decay}
 c.optimizer.register_step_post_hook(lambda opt, a, kw: [e.update_parameters(c.inner) for e in averages.values()])
 rows = []
 for epoch in range(cfg.train.epochs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -75,6 +75,28 @@ class Components:
         """A batch of images on the device, in the memory format the model was built for."""
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def ema_update(decay: float, warmup: bool = False) -> Callable:
+    """``multi_avg_fn`` of the weight average: e <- d e + (1 - d) theta. With ``warmup`` (``train.ema_warmup``)
+    d = min(decay, (1 + n) / (10 + n)) after n updates (the ``num_updates`` rule of TensorFlow's
+    ExponentialMovingAverage), so a short run averages its recent weights rather than its first ones; d is a
+    tensor on the parameters' device (no host sync). n is the average's own counter, kept in checkpoints."""
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay).to(averaged[0].dtype if averaged[0].is_floating_point()
+                                                                 else torch.float32)
+        if averaged[0].is_floating_point():
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+        else:  # integer buffers (batch norm's step count), as torch's own EMA treats them
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(a * d + c * (1 - d))
+
+    return update
 
 
 def meta_settings(cfg: Config) -> MetaSettings:
@@ -145,7 +167,8 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
         criterion = build_criterion(cfg, num_classes, counts).to(device)
     ema = None
     if cfg.train.ema_decay is not None:  # every optimizer step (train, meta actual step, fine-tune) moves the average
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        update = ema_update(cfg.train.ema_decay, cfg.train.ema_warmup)
+        ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
         optimizer.register_step_post_hook(lambda opt, args, kwargs: ema.update_parameters(model))
     torch.manual_seed(derive_seed(cfg.train.seed, 1, rank))
     np.random.seed(derive_seed(cfg.train.seed, 2, rank))

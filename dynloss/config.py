@@ -218,6 +218,8 @@ class Train(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # evaluate (and checkpoint) an exponential moving average of
     #   the weights, batch-norm buffers included, updated after every optimizer step (torch.optim.swa_utils);
     #   None = the weights as they are (docs/method.md section 4: the average removes the asymmetric swings)
+    ema_warmup: bool = False  # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over its first n
+    #   updates, so runs of a few hundred steps average recent weights (dynloss.builder.ema_update)
 
     @field_validator("shot_thresholds")
     @classmethod

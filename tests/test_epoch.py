@@ -202,9 +202,9 @@ def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(
     assert set(topped_up) == set(range(300, 305)) | set(easiest)
 
 
-def with_ema(cfg, decay: float):
+def with_ema(cfg, decay: float, warmup: bool = False):
     raw = cfg.resolved()
-    return validate({**raw, "train": {**raw["train"], "ema_decay": decay}})
+    return validate({**raw, "train": {**raw["train"], "ema_decay": decay, "ema_warmup": warmup}})
 
 
 def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(digits):
@@ -231,6 +231,31 @@ def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(d
     out = predict(c.ema.module, ({**b, "x": c.input(b["x"])} for b in data.eval_batches(1)))
     assert metrics["eval/top1"] == pytest.approx(float(np.mean(out["pred"] == out["label"])), abs=1e-12)
     assert build_components(cfg_for(digits), read_manifest(digits), "cpu").ema is None
+
+
+def test_the_weight_average_can_warm_up_its_decay(digits):
+    """``train.ema_warmup``: the n-th update uses d = min(ema_decay, (1 + n) / (10 + n)), so a short run's average
+    follows its recent weights; integer buffers follow the same rule; off, d is ema_decay from the start."""
+    c = build_components(with_ema(cfg_for(digits), 0.99, warmup=True), read_manifest(digits), "cpu")
+    g = torch.Generator().manual_seed(0)
+    expected = plain = None
+    for n in range(25):
+        with torch.no_grad():
+            for t in c.inner.state_dict().values():
+                t.copy_(torch.randint(0, 5, t.shape, generator=g) if not t.is_floating_point()
+                        else torch.randn(t.shape, generator=g))
+        now = {k: v.clone() for k, v in c.inner.state_dict().items()}
+        c.ema.update_parameters(c.inner)
+        d = min(0.99, (1 + n) / (10 + n))
+        expected = now if expected is None else {
+            k: (d * expected[k] + (1 - d) * now[k]).to(now[k].dtype) for k in now}
+        plain = now if plain is None else {k: 0.99 * plain[k] + 0.01 * now[k] for k in now}
+        got = c.ema.module.state_dict()
+        for k, v in expected.items():
+            assert torch.allclose(got[k].float(), v.float(), atol=1e-5), (n, k)
+    # 25 updates in, the warmed-up average is far from the constant-decay one (still ~78% the first weights)
+    weight = next(k for k in expected if k.endswith("weight"))
+    assert (expected[weight] - plain[weight]).abs().max() > 0.5
 
 
 def test_the_weight_average_changes_what_is_evaluated_not_what_is_trained(digits):

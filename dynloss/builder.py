@@ -87,9 +87,9 @@ def ema_update(decay: float, warmup: bool = False) -> Callable:
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay).to(averaged[0].dtype if averaged[0].is_floating_point()
-                                                                 else torch.float32)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
         if averaged[0].is_floating_point():
+            d = d.to(averaged[0].dtype)
             torch._foreach_mul_(averaged, d)
             torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
         else:  # integer buffers (batch norm's step count), as torch's own EMA treats them

@@ -52,10 +52,11 @@ while True:
             del running[name]
             with open(os.path.join(args.out, "done.txt"), "a") as f:
                 f.write(f"{name} rc={proc.returncode} {time.time() - t0:.0f}s\n")
-    todo = [] if os.path.exists(os.path.join(args.out, "STOP")) else pending(started)
+    free = args.parallel - len(running)  # the job files are read only when a slot is free
+    todo = [] if free <= 0 or os.path.exists(os.path.join(args.out, "STOP")) else pending(started)
     if not todo and not running:
         break
-    for name, data, seed, *sets in todo[:max(args.parallel - len(running), 0)]:
+    for name, data, seed, *sets in todo[:free]:
         cmd = [sys.executable, os.path.join(here, "ema_eval.py"), "--data", os.path.join("data", data),
                "--seed", seed, "--decay", *args.decay, "--json", os.path.join(args.out, name + ".json")]
         cmd += ["--device", args.device] if args.device else []

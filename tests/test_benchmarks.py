@@ -29,7 +29,7 @@ def test_step_benchmark_precision_sets_the_config_keys_the_builder_reads():
 
     c = synthetic_components("small_cnn", 8, "cpu", train=PRECISION["fp32"])
     assert (c.cfg.train.amp, c.cfg.train.channels_last) == ("off", "off")
-    assert (synthetic_components("small_cnn", 8, "cpu", train=PRECISION["auto"]).cfg.train.amp) == "auto"
+    assert synthetic_components("small_cnn", 8, "cpu", train=PRECISION["auto"]).cfg.train.amp == "auto"
 
 
 def test_step_benchmark_times_the_passes_of_a_step(capsys):

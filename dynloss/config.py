@@ -149,8 +149,9 @@ class Dynamic(Section):
     #                                                 across classes; a label that is mostly wrong shows)
     flip_check: float | None = Field(None, gt=0, le=1)  # class-dependent noise, checked once after warm-up: when
     #   the classifier (argmax z) puts some label's rows on one other class more than 1 / flip_check times as often
-    #   as on the label itself, the run ranks as rank_loss: adjusted + rank_within: all from then on
-    #   (dynloss.sampling.flipped_labels, docs/method.md section 4); None: the two keys as set (authors)
+    #   as on the label itself, the run ranks as rank_loss: adjusted + rank_within: all and samples as
+    #   sampling.meta_pool: agreeing from then on (dynloss.sampling.flipped_labels, docs/method.md section 4);
+    #   None: the three keys as set (authors)
     meta_lr: float = Field(3e-3, gt=0)
     margin_meta_lr: float | None = Field(None, ge=0)  # the margin generator's own meta lr; None = meta_lr (authors)
     margin_prior: Literal["none", "log_prior"] = "none"

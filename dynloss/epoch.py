@@ -94,7 +94,7 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     adjusted``; ``fit_pred`` is the argmax of z + margins (``sampling.meta_pool: agreeing``). With
     ``dynamic.flip_check`` the first pass after warm-up decides, once for the run (``state.flipped``), whether
     the noise looks class-dependent; if so every later pass ranks as ``rank_loss: adjusted`` + ``rank_within:
-    all``."""
+    all`` (and ``meta_ids`` draws from the agreeing pool)."""
     distributed.broadcast_buffers(c.inner)
     margins = None
     if c.dyn is not None:
@@ -127,10 +127,10 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     return corpus
 
 
-def meta_ids(c: Components, corpus: dict[str, np.ndarray], epoch: int) -> np.ndarray:
+def meta_ids(c: Components, corpus: dict[str, np.ndarray], epoch: int, agreeing: bool = False) -> np.ndarray:
     """The epoch's hierarchical sample of training ids (from every row, or from ``agreeing_pool`` with
-    ``sampling.meta_pool: agreeing``), the clean seed set (``sampling.clean_per_class``) always in; none when only
-    clean metadata is used."""
+    ``sampling.meta_pool: agreeing`` or ``agreeing`` - the flip check found class-dependent noise), the clean seed
+    set (``sampling.clean_per_class``) always in; none when only clean metadata is used."""
     s = c.cfg.sampling
     if s.clean_meta and not s.enrich:
         return np.zeros(0, np.int64)
@@ -139,7 +139,8 @@ def meta_ids(c: Components, corpus: dict[str, np.ndarray], epoch: int) -> np.nda
     label, pool = corpus["label"], np.arange(len(corpus["label"]))
     # the sizes come from every row's label, whatever the pool
     k1, k2 = meta_set_sizes(label, s.ratio1, s.ratio2, s.per_class)
-    if s.meta_pool == "agreeing":  # rows whose label is the argmax of z + margins (topped up), + the clean seed set
+    if s.meta_pool == "agreeing" or agreeing:  # rows whose label is the argmax of z + margins (topped up), + the
+        #                                          clean seed set
         pool = np.union1d(agreeing_pool(label, corpus["fit_pred"] == label, corpus["loss"], k2),
                           clean if clean is not None else []).astype(np.int64)
     idx = hierarchical_sample(label[pool], corpus["loss"][pool], s.ratio1, s.ratio2, s.criterion, k1,
@@ -200,7 +201,7 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
         if cfg.dynamic.margin_prior == "log_prior" and cfg.dynamic.prior_from == "trusted":
             # the labels the loss fits are the trusted ones: their class counts set the logit adjustment
             c.dyn.set_class_counts(np.bincount(state.corpus["label"], weights=trust(c, state), minlength=c.num_classes))
-        ids = meta_ids(c, state.corpus, epoch)
+        ids = meta_ids(c, state.corpus, epoch, agreeing=bool(state.flipped))
         rows = data.set_meta(ids, epoch)
         n_meta = len(rows["label"])
         stream = meta_batches(c, data, n_meta, epoch)
@@ -269,7 +270,8 @@ def flip_notice(c: Components, state: TrainState, metrics: dict[str, float]) -> 
                 f">= {limit}): ranking as configured")
     return (f"flip check: label(s) {', '.join(map(str, state.flipped))} look flipped from or into another class "
             f"(own / other prediction ratio {ratio:.3f} < {limit}): class-dependent noise, ranking every "
-            "row by CE of z + margins from now on (dynamic.rank_loss: adjusted, rank_within: all)")
+            "row by CE of z + margins and drawing the metadata from rows the classifier agrees with from now on "
+            "(dynamic.rank_loss: adjusted, rank_within: all; sampling.meta_pool: agreeing)")
 
 
 def watch_collapse(c: Components, state: TrainState, metrics: dict[str, float], epoch: int) -> str | None:

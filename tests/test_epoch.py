@@ -142,10 +142,11 @@ def test_the_ranking_pass_ranks_the_loss_the_config_names(digits):
     assert not (np.diff(per_label["rank"][order]) >= 0).all()
 
 
-def test_the_flip_check_decides_once_after_warm_up_and_then_ranks_as_the_two_keys(digits):
+def test_the_flip_check_decides_once_after_warm_up_and_then_ranks_and_samples_as_the_three_keys(digits):
     """``dynamic.flip_check``: the first ranking pass after warm-up decides (``state.flipped``) from the classifier's
-    predictions; a run that found a flipped label ranks exactly as ``rank_loss: adjusted`` + ``rank_within: all``,
-    one that found none exactly as the keys are set, and nothing re-decides later (a resumed run keeps it too)."""
+    predictions; a run that found a flipped label ranks exactly as ``rank_loss: adjusted`` + ``rank_within: all``
+    and samples its metadata as ``sampling.meta_pool: agreeing``, one that found none exactly as the keys are set,
+    and nothing re-decides later (a resumed run keeps it too)."""
     from dynloss.sampling import flipped_labels
 
     def corpus(state, epoch=1, **keys):
@@ -172,6 +173,20 @@ def test_the_flip_check_decides_once_after_warm_up_and_then_ranks_as_the_two_key
     assert flip_notice(c, state, {}) is None
     line = flip_notice(c, state, {"rank/flipped_labels": float(len(state.flipped)), "rank/flip_ratio": ratio})
     assert ("class-dependent noise" in line) == bool(state.flipped)
+
+    # a run that found a flipped label also draws its metadata as sampling.meta_pool: agreeing would
+    def meta_set(state, cfg):
+        c = build_components(cfg, read_manifest(digits), "cpu")
+        data, seen = load_data(c), []
+        set_meta = data.set_meta
+        data.set_meta = lambda ids, epoch: (seen.append(np.sort(ids)), set_meta(ids, epoch))[1]
+        run_epoch(c, data, state, 1)
+        return seen[0]
+
+    two = cfg_for(digits, rank_loss="adjusted", rank_within="all").resolved()
+    found = meta_set(TrainState(flipped=[3]), cfg_for(digits, flip_check=0.125))
+    assert np.array_equal(found, meta_set(TrainState(), validate({**two, "sampling": {"meta_pool": "agreeing"}})))
+    assert not np.array_equal(found, meta_set(TrainState(), validate(two)))
 
 
 def test_an_agreeing_meta_pool_keeps_a_mostly_flipped_label_out_of_the_metadata(digits):

@@ -11,10 +11,11 @@ than the right ones, and the Dynamic Loss is far above plain CE (its margins do 
 CE loses ~10 points to the imbalance here). Measured (2-core CPU, 104 s for both runs): CE 65.95% top-1 / 55.2%
 few-shot, Dynamic Loss 76.30% / 77.1%, trust 0.84 (right) vs 0.14 (wrong), AUC 0.88; the thresholds below are
 a half to a third of those margins. Since the flip check (``dynamic.flip_check``) the Dynamic Loss run here ranks
-as for class-dependent noise: after only 2 warm-up epochs on 5,000 images the classifier predicts no Shirt at all,
-which the check reads as a flipped label (the full data's 5 warm-up epochs do not, docs/method.md section 4):
-77.35% top-1, trust 0.67 vs 0.11, AUC 0.90, within the same thresholds. The exact comparisons, over seeds, are in
-docs/method.md.
+and samples as for class-dependent noise: after only 2 warm-up epochs on 5,000 images the classifier predicts no
+Shirt at all, which the check reads as a flipped label (the full data's 5 warm-up epochs do not, docs/method.md
+section 4): 77.35% top-1, trust 0.67 vs 0.11, AUC 0.90 with the two ranking keys; 74.50%, trust 0.78 vs 0.09, AUC
+0.91 since the check also switches to the agreeing meta pool (session 14), within the same thresholds. The exact
+comparisons, over seeds, are in docs/method.md.
 """
 import gzip
 import os

@@ -27,7 +27,7 @@ p.add_argument("--json", help="write the per-epoch rows here")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = p.parse_args()
 cfg = load_config(args.config, ["data.prepare=null", f"data.path={args.data}", f"train.seed={args.seed}",
-                                "train.ema_decay=null", *args.set])
+                                "train.ema_decay=null", "train.ema_eval=always", *args.set])
 c = build_components(cfg, check_dataset(cfg), args.device)
 data, state = load_data(c), TrainState()
 averages = {d: AveragedModel(c.inner, multi_avg_fn=ema_update(float(d.rstrip("w")), d.endswith("w")), use_buffers=True)
@@ -39,7 +39,7 @@ for epoch in range(cfg.train.epochs):
     row, shots = {"epoch": epoch}, {}
     for name, e in [("raw", None)] + [(f"ema{d}", e) for d, e in averages.items()]:
         c.ema = e  # evaluate() takes the average the run keeps
-        m = evaluate(c, data, epoch)[0]
+        m = evaluate(c, data, state, epoch)[0]
         row[name] = m["eval/top1"]
         shots[name] = [m[f"eval/{k}_shot"] for k in ("many", "medium", "few")]
     c.ema = None

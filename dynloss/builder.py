@@ -61,7 +61,7 @@ class Components:
     amp: torch.dtype | None            # bfloat16 autocast on CUDA, else None
     channels_last: bool
     steps_per_epoch: int
-    ema: AveragedModel | None = None   # train.ema_decay: the averaged weights evaluation uses
+    ema: AveragedModel | None = None   # train.ema_decay: the weight average (evaluated as train.ema_eval says)
 
     @property
     def inner(self) -> nn.Module:
@@ -166,7 +166,10 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
     else:
         criterion = build_criterion(cfg, num_classes, counts).to(device)
     ema = None
-    if cfg.train.ema_decay is not None:  # every optimizer step (train, meta actual step, fine-tune) moves the average
+    # ema_eval "flipped": only a run with a flip check can come to evaluate the average
+    evaluated = cfg.train.ema_eval == "always" or (cfg.is_dynamic and cfg.dynamic.flip_check is not None)
+    if cfg.train.ema_decay is not None and evaluated:  # every optimizer step (train, meta actual step, fine-tune)
+        #                                                moves the average
         update = ema_update(cfg.train.ema_decay, cfg.train.ema_warmup)
         ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
         optimizer.register_step_post_hook(lambda opt, args, kwargs: ema.update_parameters(model))

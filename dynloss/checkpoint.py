@@ -125,8 +125,10 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.O
 
 
 def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
-    """The model weights evaluation uses: the weight average's when the run kept one (``train.ema_decay``)."""
-    if state.get("ema") is None:
+    """The model weights evaluation uses: the weight average's when the run kept one (``train.ema_decay``) and
+    evaluated it (with ``train.ema_eval: flipped``, once its flip check had fired: ``dynloss.epoch.averaged``)."""
+    flipped = ((state.get("config") or {}).get("train") or {}).get("ema_eval") == "flipped"
+    if state.get("ema") is None or (flipped and not (state.get("extra") or {}).get("flipped")):
         return state["model"]
     prefix = "module."  # torch.optim.swa_utils.AveragedModel holds the averaged copy as ``module``
     return {k.removeprefix(prefix): v for k, v in state["ema"].items() if k.startswith(prefix)}

@@ -150,8 +150,8 @@ class Dynamic(Section):
     flip_check: float | None = Field(None, gt=0, le=1)  # class-dependent noise, checked once after warm-up: when
     #   the classifier (argmax z) puts some label's rows on one other class more than 1 / flip_check times as often
     #   as on the label itself, the run ranks as rank_loss: adjusted + rank_within: all and samples as
-    #   sampling.meta_pool: agreeing from then on (dynloss.sampling.flipped_labels, docs/method.md section 4);
-    #   None: the three keys as set (authors)
+    #   sampling.meta_pool: agreeing from then on, and evaluates the weight average with train.ema_eval: flipped
+    #   (dynloss.sampling.flipped_labels, docs/method.md section 4); None: the three keys as set (authors)
     meta_lr: float = Field(3e-3, gt=0)
     margin_meta_lr: float | None = Field(None, ge=0)  # the margin generator's own meta lr; None = meta_lr (authors)
     margin_prior: Literal["none", "log_prior"] = "none"
@@ -221,6 +221,10 @@ class Train(Section):
     #   None = the weights as they are (docs/method.md section 4: the average removes the asymmetric swings)
     ema_warmup: bool = False  # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over its first n
     #   updates, so runs of a few hundred steps average recent weights (dynloss.builder.ema_update)
+    ema_eval: Literal["always", "flipped"] = "always"  # which evaluations use the average: all of them, or only
+    #   those after the flip check (dynamic.flip_check) found class-dependent noise, whose epoch-to-epoch swings the
+    #   average removes; before that, in a run whose check stays silent and in runs without one (other losses,
+    #   flip_check null: no average is kept), the trained weights (docs/method.md section 4)
 
     @field_validator("shot_thresholds")
     @classmethod
@@ -282,6 +286,10 @@ class Config(Section):
             errors.append(f"dynamic.warmup_epochs: {self.dynamic.warmup_epochs} >= train.epochs={self.train.epochs}: "
                           "the whole run would be warm-up (no meta-learning) yet logged as the Dynamic Loss; lower "
                           "dynamic.warmup_epochs or raise train.epochs")
+        if self.train.ema_eval == "flipped" and self.train.ema_decay is None:
+            errors.append("train.ema_eval: 'flipped' evaluates the weight average once the flip check fires, but "
+                          "train.ema_decay is null (no average is kept); set train.ema_decay (e.g. 0.995) or "
+                          "train.ema_eval: always")
         if self.data.preset is not None:
             errors += preset_errors(self.data.preset, self.data.preset_params)
         if self.optim.warmup_epochs >= self.train.epochs and self.optim.schedule == "cosine":

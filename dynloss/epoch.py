@@ -243,10 +243,16 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
 
 
 # ------------------------------------------------------------------------------------------- statistics
-def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, float], np.ndarray]:
+def averaged(c: Components, state: TrainState) -> bool:
+    """Whether evaluation uses the weight average: the run keeps one (``train.ema_decay``) and evaluates it always,
+    or (``train.ema_eval: flipped``) the flip check has found class-dependent noise."""
+    return c.ema is not None and (c.cfg.train.ema_eval == "always" or bool(state.flipped))
+
+
+def evaluate(c: Components, data: EpochData, state: TrainState, epoch: int) -> tuple[dict[str, float], np.ndarray]:
     """(``eval/*`` metrics, per-class accuracy) on the eval split, gathered from every process; of the weight
-    average when the run keeps one (``train.ema_decay``)."""
-    model = c.ema.module if c.ema is not None else c.inner
+    average when ``averaged`` (``eval/averaged`` says which)."""
+    model = c.ema.module if averaged(c, state) else c.inner
     distributed.broadcast_buffers(model)  # batch-norm statistics are per process: evaluate rank 0's
     with c.autocast():
         out = predict(model, _inputs(c, data.eval_batches(epoch)))
@@ -257,6 +263,7 @@ def evaluate(c: Components, data: EpochData, epoch: int) -> tuple[dict[str, floa
                                       c.cfg.train.shot_thresholds)
     if c.num_classes <= PER_CLASS_METRICS:
         metrics.update({f"eval/class/{k}": float(a) for k, a in enumerate(per_class)})
+    metrics["eval/averaged"] = float(model is not c.inner)
     return metrics, per_class
 
 
@@ -271,7 +278,9 @@ def flip_notice(c: Components, state: TrainState, metrics: dict[str, float]) -> 
     return (f"flip check: label(s) {', '.join(map(str, state.flipped))} look flipped from or into another class "
             f"(own / other prediction ratio {ratio:.3f} < {limit}): class-dependent noise, ranking every "
             "row by CE of z + margins and drawing the metadata from rows the classifier agrees with from now on "
-            "(dynamic.rank_loss: adjusted, rank_within: all; sampling.meta_pool: agreeing)")
+            "(dynamic.rank_loss: adjusted, rank_within: all; sampling.meta_pool: agreeing)"
+            + ("; evaluating the weight average (train.ema_eval: flipped)"
+               if c.ema is not None and c.cfg.train.ema_eval == "flipped" else ""))
 
 
 def watch_collapse(c: Components, state: TrainState, metrics: dict[str, float], epoch: int) -> str | None:

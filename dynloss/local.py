@@ -125,7 +125,7 @@ def train_local(cfg: Config, device: str | torch.device = "cpu", log: Callable[[
         if notice:
             log(f"[{cfg.run.name}] {notice}")
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == epochs - 1:
-            evaluated, per_class = evaluate(c, data, epoch)
+            evaluated, per_class = evaluate(c, data, state, epoch)
             metrics.update(evaluated)
             warning = watch_collapse(c, state, metrics, epoch)
             if warning:

@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
         raise ValueError(f"{data} does not match the checkpoint {checkpoint}: {'; '.join(mismatch)}; evaluate it on "
                          "the dataset it was trained for (a prepared split of the same classes and image format)")
     model, preset = build_eval_model(cfg, extra, manifest)
-    model.load_state_dict(eval_weights(state))  # the weight average when the run kept one, as its eval/* metrics
+    model.load_state_dict(eval_weights(state))  # the weights its eval/* metrics used (the average or the trained)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     batches = ({"x": b["x"], "label": b["label"]}

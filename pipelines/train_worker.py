@@ -179,7 +179,7 @@ class Worker:
 
     def evaluate(self, epoch: int) -> tuple[dict[str, float], str | None]:
         """Eval metrics and, after warm-up, a warning line when top-1 fell far below the run's best."""
-        metrics, self.per_class = evaluate(self.c, self.data, epoch)
+        metrics, self.per_class = evaluate(self.c, self.data, self.state, epoch)
         return metrics, watch_collapse(self.c, self.state, metrics, epoch)
 
     def trust(self) -> np.ndarray | None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dynloss.builder import build_components
+from dynloss.checkpoint import eval_weights
 from dynloss.config import validate
 from dynloss.data import read_manifest
 from dynloss.dynamic import DynamicLoss
@@ -242,7 +243,7 @@ def test_evaluation_uses_the_weight_average_updated_after_every_optimizer_step(d
     assert c.ema.n_averaged > c.steps_per_epoch  # train steps and the meta epoch's fine-tune steps
     for k, v in expected.items():
         assert torch.allclose(got[k], v, atol=1e-5), k
-    metrics, _ = evaluate(c, data, 1)
+    metrics, _ = evaluate(c, data, state, 1)
     out = predict(c.ema.module, ({**b, "x": c.input(b["x"])} for b in data.eval_batches(1)))
     assert metrics["eval/top1"] == pytest.approx(float(np.mean(out["pred"] == out["label"])), abs=1e-12)
     assert build_components(cfg_for(digits), read_manifest(digits), "cpu").ema is None
@@ -279,6 +280,44 @@ def test_the_weight_average_changes_what_is_evaluated_not_what_is_trained(digits
     averaged = train_local(with_ema(cfg_for(digits), 0.8), log=lambda line: None).history
     for key in ("train/loss", "train/acc", "meta/trust_clean", "meta/trust_noisy", "meta/loss"):
         assert [h.get(key) for h in averaged] == [h.get(key) for h in plain], key
+
+
+def test_ema_eval_flipped_evaluates_the_average_only_once_the_flip_check_has_fired(digits):
+    """``train.ema_eval: flipped``: the average is kept from the first step, and evaluation (``eval/averaged``), the
+    flip notice and ``dynloss evaluate``'s checkpoint weights switch to it only when the check found a flipped label;
+    runs that cannot fire (other losses, no flip check) keep no average; the key needs ``train.ema_decay``."""
+    def cfg(**over):
+        raw = cfg_for(digits, flip_check=0.125).resolved()
+        return validate({**raw, "train": {**raw["train"], "ema_decay": 0.8, "ema_eval": "flipped"}, **over})
+
+    c = build_components(cfg(), read_manifest(digits), "cpu")
+    data, state = load_data(c), TrainState()
+    run_epoch(c, data, state, 0)  # the weights and their average now differ
+    assert state.flipped is None  # still warm-up: undecided
+    inputs = lambda: ({**b, "x": c.input(b["x"])} for b in data.eval_batches(0))  # noqa: E731
+    top1 = {name: float(np.mean(out["pred"] == out["label"]))
+            for name, out in (("trained", predict(c.inner, inputs())), ("average", predict(c.ema.module, inputs())))}
+    assert top1["trained"] != top1["average"]
+    for flipped, which in ((None, "trained"), ([], "trained"), ([2], "average")):
+        state.flipped = flipped
+        metrics, _ = evaluate(c, data, state, 0)
+        assert metrics["eval/top1"] == pytest.approx(top1[which], abs=1e-12), flipped
+        assert metrics["eval/averaged"] == float(which == "average")
+        line = flip_notice(c, state, {"rank/flipped_labels": float(len(flipped or [])), "rank/flip_ratio": 0.5})
+        assert ("weight average" in line) == (which == "average")
+    # a checkpoint of the run serves the weights its evaluation used
+    saved = {"model": {"w": "trained"}, "ema": {"module.w": "average", "n_averaged": 3},
+             "config": c.cfg.resolved(), "extra": {"flipped": None}}
+    for flipped, which in ((None, "trained"), ([], "trained"), ([2], "average")):
+        assert eval_weights({**saved, "extra": {"flipped": flipped}}) == {"w": which}
+    always = {**saved, "config": {**saved["config"], "train": {**saved["config"]["train"], "ema_eval": "always"}}}
+    assert eval_weights(always)["w"] == "average"
+    assert build_components(cfg(loss={"name": "ce"}), read_manifest(digits), "cpu").ema is None
+    no_check = cfg(dynamic={**c.cfg.resolved()["dynamic"], "flip_check": None})
+    assert build_components(no_check, read_manifest(digits), "cpu").ema is None
+    raw = c.cfg.resolved()
+    with pytest.raises(ValueError, match="train.ema_eval.*train.ema_decay is null"):
+        validate({**raw, "train": {**raw["train"], "ema_decay": None}})
 
 
 def test_trusted_prior_follows_the_trusted_labels(digits):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynloss.config import Train
+
 STATE = "state.pt"
 CONFIG = "config.json"
 META = "meta.json"
@@ -127,8 +129,8 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.O
 def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
     """The model weights evaluation uses: the weight average's when the run kept one (``train.ema_decay``) and
     evaluated it (with ``train.ema_eval: flipped``, once its flip check had fired: ``dynloss.epoch.averaged``)."""
-    flipped = ((state.get("config") or {}).get("train") or {}).get("ema_eval") == "flipped"
-    if state.get("ema") is None or (flipped and not (state.get("extra") or {}).get("flipped")):
+    train = Train.model_validate(state["config"]["train"])
+    if state.get("ema") is None or not train.evaluates_average((state.get("extra") or {}).get("flipped")):
         return state["model"]
     prefix = "module."  # torch.optim.swa_utils.AveragedModel holds the averaged copy as ``module``
     return {k.removeprefix(prefix): v for k, v in state["ema"].items() if k.startswith(prefix)}

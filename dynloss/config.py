@@ -226,6 +226,10 @@ class Train(Section):
     #   average removes; before that, in a run whose check stays silent and in runs without one (other losses,
     #   flip_check null: no average is kept), the trained weights (docs/method.md section 4)
 
+    def evaluates_average(self, flipped: list[int] | None) -> bool:
+        """Whether evaluation uses the weight average, given the flip check's decision (None: not made yet)."""
+        return self.ema_decay is not None and (self.ema_eval == "always" or bool(flipped))
+
     @field_validator("shot_thresholds")
     @classmethod
     def _shots(cls, v):

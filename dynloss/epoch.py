@@ -246,7 +246,7 @@ def run_epoch(c: Components, data: EpochData, state: TrainState, epoch: int) -> 
 def averaged(c: Components, state: TrainState) -> bool:
     """Whether evaluation uses the weight average: the run keeps one (``train.ema_decay``) and evaluates it always,
     or (``train.ema_eval: flipped``) the flip check has found class-dependent noise."""
-    return c.ema is not None and (c.cfg.train.ema_eval == "always" or bool(state.flipped))
+    return c.ema is not None and c.cfg.train.evaluates_average(state.flipped)
 
 
 def evaluate(c: Components, data: EpochData, state: TrainState, epoch: int) -> tuple[dict[str, float], np.ndarray]:

@@ -227,8 +227,9 @@ class Train(Section):
     #   flip_check null: no average is kept), the trained weights (docs/method.md section 4)
 
     def evaluates_average(self, flipped: list[int] | None) -> bool:
-        """Whether evaluation uses the weight average, given the flip check's decision (None: not made yet)."""
-        return self.ema_decay is not None and (self.ema_eval == "always" or bool(flipped))
+        """Whether evaluation uses the weight average a run keeps, given the flip check's decision (None: not made
+        yet); the caller checks that there is one."""
+        return self.ema_eval == "always" or bool(flipped)
 
     @field_validator("shot_thresholds")
     @classmethod

@@ -166,10 +166,9 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
     else:
         criterion = build_criterion(cfg, num_classes, counts).to(device)
     ema = None
-    # ema_eval "flipped": only a run with a flip check can come to evaluate the average
-    evaluated = cfg.train.ema_eval == "always" or (cfg.is_dynamic and cfg.dynamic.flip_check is not None)
-    if cfg.train.ema_decay is not None and evaluated:  # every optimizer step (train, meta actual step, fine-tune)
-        #                                                moves the average
+    # ema_eval "flipped": only a run with a flip check can come to evaluate the average. Every optimizer step
+    # (train, meta actual step, fine-tune) moves it.
+    if cfg.train.ema_decay is not None and (cfg.train.ema_eval == "always" or cfg.checks_flips):
         update = ema_update(cfg.train.ema_decay, cfg.train.ema_warmup)
         ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
         optimizer.register_step_post_hook(lambda opt, args, kwargs: ema.update_parameters(model))

@@ -310,6 +310,11 @@ class Config(Section):
     def is_dynamic(self) -> bool:
         return self.loss.name == DYNAMIC
 
+    @property
+    def checks_flips(self) -> bool:
+        """A Dynamic Loss run with ``dynamic.flip_check`` set: its check decides once, after warm-up."""
+        return self.is_dynamic and self.dynamic.flip_check is not None
+
     def resolved(self) -> dict:
         """The whole config as plain JSON types (saved in checkpoints, logged as MLflow params)."""
         return self.model_dump(mode="json")

@@ -108,7 +108,7 @@ def ranking_pass(c: Components, data: EpochData, state: TrainState, epoch: int) 
     order = np.argsort(full["id"], kind="stable")
     corpus = {k: v[order] for k, v in full.items()}
     d = c.cfg.dynamic
-    if c.dyn is not None and d.flip_check is not None and state.flipped is None and epoch >= c.settings.warmup_epochs:
+    if c.cfg.checks_flips and state.flipped is None and epoch >= c.settings.warmup_epochs:
         state.flipped, state.flip_ratio = flipped_labels(corpus["label"], corpus["pred"], c.num_classes, d.flip_check)
     class_dependent = bool(state.flipped)  # the flip check found a flipped label: rank as the two keys would
     if c.dyn is not None and (d.rank_loss == "adjusted" or class_dependent):

@@ -8,8 +8,9 @@ virtually-updated classifier on a meta batch, backpropagated into the label corr
 Scopes:
   ``full``  the meta-gradient through every classifier parameter (the authors' method). By default
             (``meta_grad="jvp"``) it is computed exactly at the logits with one Jacobian-vector product
-            instead of a second-order graph through the network (``_jvp_meta_objective``; docs/performance.md
-            has the cost of each); ``meta_grad="double_backward"`` is the authors' way;
+            instead of a second-order graph through the network (``_jvp_meta_objective``; the JVP read off the
+            first forward's graph by ``dynloss.graph_jvp``; docs/performance.md has the cost of each);
+            ``meta_grad="double_backward"`` is the authors' way;
   ``head``  the virtual step moves only the final linear layer on detached features (the cheap variant).
 
 Departures from the authors' code, all to save work on the hot path and each a documented choice:
@@ -28,6 +29,7 @@ No host syncs: every returned statistic is a detached tensor.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dynloss import graph_jvp
 from dynloss.dynamic import DynamicLoss, soft_cross_entropy
 
 SCOPES = ("full", "head")
@@ -158,16 +161,17 @@ def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.opt
 
     phi reaches theta' = theta - lr_eff * grad_theta L(z(theta), phi) + (terms free of phi) only through L's
     dependence at the logits z. With g' the meta loss's gradient at theta' (one forward/backward of the meta
-    batch, no graph kept) and u = J_theta(z) (lr_eff * g') (one forward-mode pass: the logits' change along that
-    direction, batch norm in train mode on cloned buffers, as in the step), the chain rule gives
+    batch, no graph kept) and u = J_theta(z) (lr_eff * g') (the logits' change along that direction, batch norm
+    in train mode as in the step: ``_logit_jvp``, tangent arithmetic on the first forward's saved activations),
+    the chain rule gives
     d meta / d phi = -grad_phi <grad_z L(z, phi), u>: a logit-level double backward, B x C numbers.
     DDP: theta' takes the averaged virtual gradient, u the averaged g' (the same hook averages both), and
-    ``meta_grad_hook`` then averages phi's gradients: the mean meta loss's exact gradient. A model with dropout
-    would draw a new mask in the forward-mode pass (none of the registered models has dropout before ``fc``).
+    ``meta_grad_hook`` then averages phi's gradients: the mean meta loss's exact gradient. Dropout (vgg19_bn's
+    classifier) keeps the forward's masks in u, except where ``_logit_jvp`` falls back to the forward mode.
 
-    ``exact=False`` (``meta_grad="finite_difference"``) replaces the forward-mode pass, which costs ~2.5 forward
-    passes, by two no-grad forwards: a central difference of the logits along lr_eff * g' (``_logit_difference``;
-    DARTS approximates its Hessian-vector product the same way). A one-sided difference over the whole virtual
+    ``exact=False`` (``meta_grad="finite_difference"``) replaces the JVP by two no-grad forwards: a central
+    difference of the logits along lr_eff * g' (``_logit_difference``; DARTS approximates its Hessian-vector
+    product the same way; dropout draws new masks in each). A one-sided difference over the whole virtual
     step (one forward) was tried and is not close enough: the logits are far from linear over a step.
     """
     names, params = _trainable(inner)
@@ -183,14 +187,54 @@ def _jvp_meta_objective(inner: nn.Module, dyn: DynamicLoss, optimizer: torch.opt
         g_meta = [g.detach() for g in virtual_grad_hook(g_meta)]
     tangents = torch._foreach_mul(g_meta, effective_lrs(optimizer, params))
     if exact:
-        with fwAD.dual_level():
-            duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, tangents)}
-            u = fwAD.unpack_dual(functional_call(inner, {**_cloned_buffers(inner), **duals}, (x,))).tangent
+        u = _logit_jvp(inner, names, params, tangents, x, logits)
     else:
         u = _logit_difference(inner, names, params, tangents, x)
     z = logits.detach().float().requires_grad_()
     dz, = torch.autograd.grad(dyn(z, labels, ranks, pseudo=pseudo).loss, z, create_graph=True)
     return m_loss, -(dz * u.float()).sum()
+
+
+_GRAPH_JVP_CHECKED: dict[tuple, bool] = {}  # (node types, device, dtype) -> graph_jvp agreed with the forward mode
+_AGREE = {torch.float64: 1e-8, torch.float32: 1e-3}  # relative difference allowed; 5e-2 for 16-bit logits
+
+
+def forward_mode_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor], tangents: Sequence[Tensor],
+                      x: Tensor) -> Tensor:
+    """J_theta(z) tangents by torch's forward mode: primal and tangent recomputed, batch norm on cloned buffers."""
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, tangents)}
+        return fwAD.unpack_dual(functional_call(inner, {**_cloned_buffers(inner), **duals}, (x,))).tangent
+
+
+def _logit_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor], tangents: Sequence[Tensor],
+               x: Tensor, logits: Tensor) -> Tensor:
+    """u = J_theta(z) tangents, read off the first forward's graph (``dynloss.graph_jvp``: the tangent arithmetic
+    only, ~2 forward units against the forward mode's ~2.5-3.5) where every node of it has a rule, else by torch's
+    forward mode (which draws new dropout masks; the graph reuses the forward's).
+
+    A graph with a node whose rule the test suite cannot run on a CPU (``graph_jvp.UNVERIFIED``: cudnn's batch
+    norm) is checked once per kind (node types, device, dtype) and process against the forward mode; if the two
+    differ beyond rounding (``_AGREE``) that kind uses the forward mode from then on, with a warning (a model with
+    dropout always differs there, and so keeps the forward mode on such a device)."""
+    try:
+        types = graph_jvp.node_types(logits)
+    except graph_jvp.Unsupported:
+        return forward_mode_jvp(inner, names, params, tangents, x)
+    key = (types, logits.device.type, logits.dtype)
+    if _GRAPH_JVP_CHECKED.get(key) is False:
+        return forward_mode_jvp(inner, names, params, tangents, x)
+    u = graph_jvp.graph_jvp(logits, dict(zip(params, tangents)))
+    if key in _GRAPH_JVP_CHECKED or not graph_jvp.UNVERIFIED.intersection(types):
+        return u
+    ref = forward_mode_jvp(inner, names, params, tangents, x)
+    err = float((u.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+    _GRAPH_JVP_CHECKED[key] = err < _AGREE.get(logits.dtype, 5e-2)
+    if _GRAPH_JVP_CHECKED[key]:
+        return u
+    warnings.warn(f"dynloss.graph_jvp differs from torch's forward mode by {err:.3g} (relative) on this "
+                  f"model/device; the meta step uses the forward mode for it", RuntimeWarning, stacklevel=2)
+    return ref
 
 
 FD_STEP = 1e-4  # the central difference's step, as a fraction of the virtual step's move lr_eff * g'

@@ -37,7 +37,8 @@ def test_step_benchmark_times_the_passes_of_a_step(capsys):
                  "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     units = {line.split("  ")[1].strip(): float(line.split()[-3]) for line in lines[1:]}
-    assert set(units) == {"forward (graph kept)", "forward, no grad", "forward + backward", "forward-mode pass (JVP)"}
+    assert set(units) == {"forward (graph kept)", "forward, no grad", "forward + backward", "forward-mode pass (JVP)",
+                          "JVP off the graph"}
     assert units["forward (graph kept)"] == 1.0 and all(u > 0 for u in units.values())
 
 

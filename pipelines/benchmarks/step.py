@@ -212,28 +212,21 @@ def phases(model: str, batch: int, device: str, repeats: int = 3) -> dict[str, f
     """Milliseconds of the passes a full-scope step is made of, each timed alone (fastest of ``repeats``) on the
     model in train mode: where the step's time goes, in units of a forward pass."""
     import torch
-    import torch.autograd.forward_ad as fwAD
     import torch.nn.functional as F
-    from torch.func import functional_call
 
     from dynloss.data.batches import resolve_preset
+    from dynloss.graph_jvp import graph_jvp
+    from dynloss.meta import forward_mode_jvp
     from dynloss.models import build_model
 
     preset = resolve_preset(INPUTS[model][0], mode=INPUTS[model][1])
     c = build_model(model, NUM_CLASSES, in_chans=preset.channels).to(device)
     x = torch.randn(batch, preset.channels, *preset.size, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    params = dict(c.named_parameters())
-    tangents = {n: torch.randn_like(t) for n, t in params.items()}
+    names, params = zip(*c.named_parameters())
+    tangents = [torch.randn_like(t) for t in params]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def buffers():
-        return {n: b.clone() for n, b in c.named_buffers()}
-
-    def forward_mode():
-        with fwAD.dual_level():
-            duals = {n: fwAD.make_dual(t.detach(), tangents[n]) for n, t in params.items()}
-            return fwAD.unpack_dual(functional_call(c, {**buffers(), **duals}, (x,))).tangent
+    kept = c(x)  # a forward's graph, as the step holds it when it computes the JVP
 
     def no_grad_forward():
         with torch.no_grad():
@@ -244,7 +237,9 @@ def phases(model: str, batch: int, device: str, repeats: int = 3) -> dict[str, f
 
     out = {}
     for name, fn in (("forward (graph kept)", lambda: c(x)), ("forward, no grad", no_grad_forward),
-                     ("forward + backward", forward_backward), ("forward-mode pass (JVP)", forward_mode)):
+                     ("forward + backward", forward_backward),
+                     ("forward-mode pass (JVP)", lambda: forward_mode_jvp(c, names, params, tangents, x)),
+                     ("JVP off the graph", lambda: graph_jvp(kept, dict(zip(params, tangents))))):
         fn()
         times = []
         for _ in range(max(repeats, 1)):
@@ -310,7 +305,7 @@ def step(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--profile", choices=["full", "head"], default=None,
                         help="print a torch.profiler table of that scope's step on the first model instead")
     parser.add_argument("--phases", action="store_true",
-                        help="time the passes a step is made of (forward, backward, forward-mode) on the first model")
+                        help="time the passes a step is made of (forward, backward, the JVP both ways) on the first model")
     parser.add_argument("--in-process", action="store_true",
                         help="measure every row in this process (quicker; memory figures then carry over)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")

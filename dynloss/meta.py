@@ -216,10 +216,13 @@ def _logit_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor],
     A graph with a node whose rule the test suite cannot run on a CPU (``graph_jvp.UNVERIFIED``: cudnn's batch
     norm) is checked once per kind (node types, device, dtype) and process against the forward mode; if the two
     differ beyond rounding (``_AGREE``) that kind uses the forward mode from then on, with a warning (a model with
-    dropout always differs there, and so keeps the forward mode on such a device)."""
+    dropout always differs there, and so keeps the forward mode on such a device). The check's comparison is
+    the step's one host sync, once per kind."""
     try:
         types = graph_jvp.node_types(logits)
-    except graph_jvp.Unsupported:
+    except graph_jvp.Unsupported as e:  # Python shows a warning once per message: once per model kind
+        warnings.warn(f"the meta step's JVP runs torch's forward mode (~2x the cost): {e}", RuntimeWarning,
+                      stacklevel=2)
         return forward_mode_jvp(inner, names, params, tangents, x)
     key = (types, logits.device.type, logits.dtype)
     if _GRAPH_JVP_CHECKED.get(key) is False:

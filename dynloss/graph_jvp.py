@@ -212,6 +212,20 @@ def _avg_pool(node, t):
                         node._saved_count_include_pad, node._saved_divisor_override)
 
 
+@_rule("AsStridedBackward1")
+def _as_strided(node, t):
+    """Only the identity re-striding ATen applies to a channels_last adaptive average pool's (N, C, 1, 1) output
+    (``as_strided_`` with the input's own size and offset, strides differing only on dims of size 1); any
+    other ``as_strided`` reads memory a tangent need not share, and is refused."""
+    if t[0] is None:
+        return None
+    size, stride = list(node._saved_size), list(node._saved_stride)
+    if node._saved_storage_offset not in (None, 0) or size != list(t[0].shape) or any(
+            n > 1 and s != t[0].stride(d) for d, (n, s) in enumerate(zip(size, stride))):
+        raise Unsupported("as_strided other than an identity re-striding")
+    return t[0]
+
+
 @_rule("ToCopyBackward0")
 def _to_copy(node, t):
     return None if t[0] is None else t[0].to(_out(node)[1])

@@ -220,14 +220,14 @@ def _logit_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor],
     the step's one host sync, once per kind."""
     try:
         types = graph_jvp.node_types(logits)
+        key = (types, logits.device.type, logits.dtype)
+        if _GRAPH_JVP_CHECKED.get(key) is False:
+            return forward_mode_jvp(inner, names, params, tangents, x)
+        u = graph_jvp.graph_jvp(logits, dict(zip(params, tangents)))
     except graph_jvp.Unsupported as e:  # Python shows a warning once per message: once per model kind
         warnings.warn(f"the meta step's JVP runs torch's forward mode (~2x the cost): {e}", RuntimeWarning,
                       stacklevel=2)
         return forward_mode_jvp(inner, names, params, tangents, x)
-    key = (types, logits.device.type, logits.dtype)
-    if _GRAPH_JVP_CHECKED.get(key) is False:
-        return forward_mode_jvp(inner, names, params, tangents, x)
-    u = graph_jvp.graph_jvp(logits, dict(zip(params, tangents)))
     if key in _GRAPH_JVP_CHECKED or not graph_jvp.UNVERIFIED.intersection(types):
         return u
     ref = forward_mode_jvp(inner, names, params, tangents, x)

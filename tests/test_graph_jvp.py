@@ -68,6 +68,18 @@ def test_a_node_without_a_rule_is_named_and_the_meta_step_uses_the_forward_mode(
     assert torch.allclose(u, meta.forward_mode_jvp(model, names, params, tangents, x), rtol=1e-12)
 
 
+def test_a_rule_that_refuses_during_the_walk_also_falls_back():
+    """Batch norm in eval mode (its rule is for train mode) is found only when the walk reaches it."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, in_chans=1).double().eval()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    names, params = meta._trainable(model)
+    tangents = [torch.randn_like(p) for p in params]
+    with pytest.warns(RuntimeWarning, match="forward mode .*eval mode"):
+        u = meta._logit_jvp(model, names, params, tangents, x, model(x))
+    assert torch.allclose(u, meta.forward_mode_jvp(model, names, params, tangents, x), rtol=1e-12)
+
+
 def test_a_graph_that_disagrees_with_the_forward_mode_is_not_used_again(monkeypatch):
     """The guard for rules the tests cannot run here (cudnn's batch norm; ReLU's stands in for it): the first graph
     of a kind holding one is computed both ways; a wrong rule (ReLU's replaced by the identity) gives a warning and
@@ -98,3 +110,21 @@ def test_a_graph_that_disagrees_with_the_forward_mode_is_not_used_again(monkeypa
     assert not calls
     for u in (first, second):
         assert torch.allclose(u, right, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("name", ["resnet32", "small_cnn"])
+def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name, amp):
+    """What `dynloss train` turns on with a GPU (channels_last, bfloat16 autocast), here on the CPU: the casts
+    (ToCopyBackward0), the channels_last pool's re-striding (AsStridedBackward1) and bfloat16 saved activations.
+    Under autocast both ways compute in bfloat16 and differ by its rounding (~2% on ResNet-32 here, against
+    O(1) for a wrong rule); without it they agree to float32 rounding."""
+    in_chans, size, _ = CASES[name]
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, in_chans=in_chans).train().to(memory_format=torch.channels_last)
+    x = torch.randn(16, in_chans, size, size).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        u, ref = _jvp_both_ways(model, x)
+        assert ("ToCopyBackward0" in node_types(model(x))) == amp
+    err = float((u.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (0.1 if amp else 1e-4), err

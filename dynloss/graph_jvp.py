@@ -136,6 +136,16 @@ def _relu(node, t):
     return None if t[0] is None else torch.ops.aten.threshold_backward(t[0], node._saved_result, 0)
 
 
+@_rule("TanhBackward0")
+def _tanh(node, t):
+    return None if t[0] is None else torch.ops.aten.tanh_backward(t[0], node._saved_result)
+
+
+@_rule("SigmoidBackward0")
+def _sigmoid(node, t):
+    return None if t[0] is None else torch.ops.aten.sigmoid_backward(t[0], node._saved_result)
+
+
 @_rule("AddBackward0")
 def _add_node(node, t):
     a, b = t

@@ -54,16 +54,26 @@ def test_graph_jvp_equals_the_forward_mode_on_every_registered_model(name):
     assert torch.allclose(u, ref, rtol=tol, atol=tol * float(ref.abs().max())), (u - ref).abs().max()
 
 
+def test_an_mlp_with_tanh_sigmoid_and_batch_norm_1d():
+    """The activations of the tests' tiny models (tests/test_meta.py, tests/test_distributed.py) and BatchNorm1d."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 6), nn.Sigmoid()),
+                       6, 3).double().train()
+    u, ref = _jvp_both_ways(model, torch.randn(16, 4, dtype=torch.float64))
+    assert ref.abs().max() > 1e-3
+    assert torch.allclose(u, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_a_node_without_a_rule_is_named_and_the_meta_step_uses_the_forward_mode():
     torch.manual_seed(0)
-    model = Classifier(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), 6, 3).double()
+    model = Classifier(nn.Sequential(nn.Linear(4, 6), nn.GELU()), 6, 3).double()
     x = torch.randn(8, 4, dtype=torch.float64)
-    with pytest.raises(Unsupported, match="TanhBackward0"):
+    with pytest.raises(Unsupported, match="GeluBackward0"):
         node_types(model(x))
     names, params = meta._trainable(model)
     tangents = [torch.randn_like(p) for p in params]
     z = model(x)
-    with pytest.warns(RuntimeWarning, match="forward mode .*TanhBackward0"):
+    with pytest.warns(RuntimeWarning, match="forward mode .*GeluBackward0"):
         u = meta._logit_jvp(model, names, params, tangents, x, z)
     assert torch.allclose(u, meta.forward_mode_jvp(model, names, params, tangents, x), rtol=1e-12)
 

@@ -150,7 +150,8 @@ def _sigmoid(node, t):
 def _add_node(node, t):
     a, b = t
     alpha = node._saved_alpha
-    return _add(a, b if b is None or alpha == 1 else b * alpha)
+    out = _add(a, b if b is None or alpha == 1 else b * alpha)
+    return None if out is None else out.expand(_out(node)[0])  # one broadcast operand alone keeps its own shape
 
 
 @_rule("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
@@ -279,8 +280,9 @@ def graph_jvp(output: Tensor, tangents: Mapping[Tensor, Tensor]) -> Tensor:
 
     The graph must still hold its saved tensors (take the backward passes before this with
     ``retain_graph=True``). Leaves not in ``tangents`` (and inputs that need no grad) have tangent zero.
-    Raises ``Unsupported`` naming every node type without a rule, before any arithmetic. Each node's tangent
-    is dropped once its last consumer has read it (peak memory ~ a no-grad forward's).
+    Raises ``Unsupported`` naming every node type without a rule, before any arithmetic (a few rules refuse a
+    case of their node when the walk reaches it: batch norm in eval mode, a general ``as_strided``). Each node's
+    tangent is dropped once its last consumer has read it (peak memory ~ a no-grad forward's).
     """
     node_types(output)
     root = output.grad_fn

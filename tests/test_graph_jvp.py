@@ -1,8 +1,9 @@
 """dynloss.graph_jvp: the logits' JVP read off the first forward's autograd graph (the full scope's meta-gradient).
 
 Against torch's forward mode on every registered model in train mode (float64 where the model is small, float32
-for vgg19_bn and Inception-ResNet-v2), the fallback for graphs with a node it has no rule for, and the guard
-that checks the first graph of each kind against the forward mode. The meta-gradient it gives is checked against
+for vgg19_bn and Inception-ResNet-v2), with channels_last and bfloat16 autocast on the CPU (what a GPU run turns
+on), the fallback for graphs with a node it has no rule for (or a rule that refuses during the walk), and the
+guard that checks the first graph of a kind holding an unverified rule against the forward mode. The meta-gradient it gives is checked against
 the authors' double backward in tests/test_meta.py.
 
     .venv/bin/python -m pytest tests/test_graph_jvp.py -q

@@ -13,7 +13,8 @@ It is the JVP torch's forward mode computes (the same rules as its derivatives.y
 each time it is called: the meta step would pay for the primal again on every iteration.
 
 Only the nodes the registered models produce have a rule (``RULES``); a graph with any other node raises
-``Unsupported`` naming it, before any arithmetic, and ``dynloss.meta`` falls back to the forward-mode pass. The
+``Unsupported`` naming it, before any arithmetic (a few rules refuse a case of their node when the walk reaches it:
+batch norm in eval mode, a general ``as_strided``), and ``dynloss.meta`` falls back to the forward-mode pass. The
 walk reads ``grad_fn._saved_*`` and ``Node._input_metadata`` (the shape and dtype of a node's forward output),
 the attributes torch exposes for inspecting saved tensors and that compiled autograd uses.
 

@@ -42,7 +42,8 @@ case "${1:-}" in
   test)
     setup
     shift
-    exec .venv/bin/python -m pytest -q "$@"
+    # -X faulthandler: a crash prints every thread's stack, also after pytest has finished (tests/conftest.py)
+    exec .venv/bin/python -X faulthandler -m pytest -q "$@"
     ;;
   *)
     echo "usage: bash cluster/local/dev.sh run|test [extra args]" >&2

@@ -49,10 +49,13 @@ def test_step_benchmark_refuses_an_unknown_model(capsys):
 
 def test_ingest_benchmark_reports_both_paths_and_their_ratio(ray_local, digits, tmp_path, capsys):
     out = tmp_path / "ingest.json"
-    assert main(["ingest", "--data", digits, "--preset", "digits", "--batch-size", "64", "--epochs", "1",
+    assert main(["ingest", "--data", digits, "--preset", "digits", "--batch-size", "64", "--epochs", "2",
                  "--warmup", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["single_process"]["images"] == r["ray_data"]["images"] > 0  # the same rows through both paths
+    for path in ("single_process", "ray_data"):  # two timed epochs each, the warm-up not among them
+        assert len(r[path]["epoch_seconds"]) == 2
+        assert sum(r[path]["epoch_seconds"]) == pytest.approx(r[path]["seconds"])
     assert r["ray_data"]["corrupt"] == r["single_process"]["corrupt"] == 0
     assert r["ratio_per_core"] == pytest.approx(r["ray_data"]["images_per_s_per_core"]
                                                 / r["single_process"]["images_per_s_per_core"])

@@ -6,7 +6,10 @@ the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); b
 and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
 runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime of
 each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
-reported separately, not in the rate. `--jpeg N` generates N 224-px JPEGs and prepares them as shards (the
+reported separately, not in the rate. The timed epochs alternate between the two paths (single process, Ray,
+single process, Ray, ...; with `--cores`, the single-process epochs of every point count towards its rate): a
+shared machine's speed drifts by tens of percent over seconds, and back-to-back blocks of one path then the other
+would put that drift into the ratio. `--jpeg N` generates N 224-px JPEGs and prepares them as shards (the
 ImageNet-style path: JPEG decode + RandomResizedCrop), instead of `--data`.
 
 Target (issue 10): the Ray path >= 0.9x the single-process loop per core, growing with cores.
@@ -34,17 +37,20 @@ def _consume(batches) -> tuple[int, int]:
     return images, corrupt
 
 
-def _timed_epochs(make_epoch: Callable[[int], object], warmup: int, epochs: int) -> dict:
+def _path() -> dict:
+    return {"images": 0, "corrupt": 0, "seconds": 0.0, "epoch_seconds": [], "warmup_seconds": 0.0}
+
+
+def _timed_epoch(r: dict, make_epoch: Callable[[int], object], epoch: int, *, warmup: bool = False) -> None:
+    """One epoch of a path, added to its record ``r`` (a warm-up epoch only to its warm-up time)."""
     t0 = time.perf_counter()
-    for e in range(warmup):
-        _consume(make_epoch(e))
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    images = corrupt = 0
-    for e in range(warmup, warmup + epochs):
-        n, c = _consume(make_epoch(e))
-        images, corrupt = images + n, corrupt + c
-    return {"images": images, "corrupt": corrupt, "seconds": time.perf_counter() - t0, "warmup_seconds": warm}
+    n, c = _consume(make_epoch(epoch))
+    seconds = time.perf_counter() - t0
+    if warmup:
+        r["warmup_seconds"] += seconds
+        return
+    r["images"], r["corrupt"], r["seconds"] = r["images"] + n, r["corrupt"] + c, r["seconds"] + seconds
+    r["epoch_seconds"].append(seconds)
 
 
 def generate_jpegs(out: str, n: int, size: int = 224, classes: int = 10, seed: int = 0) -> str:
@@ -101,16 +107,22 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     load_start = os.getloadavg()[0]
     train = not args.eval
     preset = resolve_preset(args.preset or preset_for_source(read_manifest(data).get("source", "")), data)
-    # Baseline: one process, one core (torch would otherwise spread small ops over every core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
-    local = _timed_epochs(lambda e: iter_local_batches(data, args.split, preset, train=train, batch_size=args.batch_size,
-                                                       seed=args.seed, epoch=e, table=table, views=args.views),
-                          args.warmup, args.epochs)
-    torch.set_num_threads(threads)
-    local["cores"] = 1
 
+    def local_epoch(e: int):
+        # Baseline: one process, one core (torch would otherwise spread small ops over every core), while it runs.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield from iter_local_batches(data, args.split, preset, train=train, batch_size=args.batch_size,
+                                          seed=args.seed, epoch=e, table=table, views=args.views)
+        finally:
+            torch.set_num_threads(threads)
+
+    local = _path()
+    local["cores"] = 1
+    for e in range(args.warmup):
+        _timed_epoch(local, local_epoch, e, warmup=True)
     scaling = []
     for cores in args.cores or [None]:
         if cores is not None:  # a fresh local runtime of that many CPUs for each point
@@ -121,9 +133,16 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build_dataset(data, args.split, preset=preset, train=train, batch_size=args.batch_size, seed=args.seed,
                            shuffle=args.shuffle, views=args.views)
-        remote = _timed_epochs(lambda e, ds=ds: iter_train_batches(ds, batch_size=args.batch_size, device="cpu",
-                                                                   epoch=e),
-                               args.warmup, args.epochs)
+
+        def ray_epoch(e: int, ds=ds):
+            return iter_train_batches(ds, batch_size=args.batch_size, device="cpu", epoch=e)
+
+        remote = _path()
+        for e in range(args.warmup):
+            _timed_epoch(remote, ray_epoch, e, warmup=True)
+        for e in range(args.warmup, args.warmup + args.epochs):  # alternating, so both see the same machine
+            _timed_epoch(local, local_epoch, e)
+            _timed_epoch(remote, ray_epoch, e)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
         scaling.append(_rates(remote))
     if args.cores:
@@ -170,7 +189,8 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--split", default="train")
     parser.add_argument("--preset", default=None, help="augmentation preset (default: from the manifest's source)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="timed epochs of each path (and of each --cores point), the two paths alternating")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (Ray worker start-up, imports)")
     parser.add_argument("--views", nargs="+", choices=["weak", "strong"], default=["weak"],
                         help="train views to make (a config's train stream makes data.train_view only: weak)")

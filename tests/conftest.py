@@ -27,11 +27,11 @@ def _exit_without_native_teardown() -> None:
     ``ray.init(); ray.shutdown()`` the threads ``gcs_client_io_service``, ``worker.io``, gRPC's ``event_engine`` and
     ``grpc_global_timer`` are still there, and one more thread per runtime), and this process starts and stops a
     runtime per test module that needs one. Once, in November 2026, a CI run printed "489 passed" and then died of
-    SIGSEGV (exit 139) after pytest had finished, where nothing of this project runs any more. What runs here is every atexit handler registered after this module was
-    imported (Ray's, MLflow's, torch's, pytest's own: all of them, last-in first-out), then ``os._exit``: the
-    tests' results and the exit status are pytest's, and what is skipped is only the teardown the tests do not
-    test. The command line keeps ``-X faulthandler`` (cluster/local/dev.sh), so a crash anywhere else prints the
-    stacks of every thread.
+    SIGSEGV (exit 139) after pytest had finished, where nothing of this project runs any more. What runs here:
+    every atexit handler registered after this module was imported (Ray's, MLflow's, torch's, pytest's own; all
+    of them, last-in first-out), then ``os._exit``. The tests' results and the exit status are pytest's; what is
+    skipped is only the teardown the tests do not test. The test command runs under ``-X faulthandler``
+    (cluster/local/dev.sh), so a crash anywhere else prints every thread's stack.
     """
     if not _SESSION:  # pytest never got as far as a session: leave the normal way
         return

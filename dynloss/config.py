@@ -94,6 +94,9 @@ class Data(Section):
     shuffle: Literal["full", "blocks", "none"] = "full"  # "none": id order every epoch (debugging, driver checks)
     decode_cpus: float = Field(1.0, gt=0)
     decode_concurrency: int | None = Field(None, ge=1)
+    in_memory_mb: float = Field(512, ge=0)  # a split whose shards total at most this is held encoded in Ray's object
+    #                                         store and ordered inside its decode tasks (pipelines.data.build_dataset);
+    #                                         larger ones stream from parquet; 0 always streams
     cache_mb: float = Field(1024, ge=0)  # per worker: decoded ranking/eval passes kept after their first pass when
     #                                      they fit (dynloss.data.cache), read by the worker itself, not streamed
     #                                      (pipelines.train_worker.in_worker_passes); 0 streams them every epoch

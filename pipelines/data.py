@@ -10,17 +10,23 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
         batch["weak"], batch["strong"], batch["label"], batch["id"]   # tensors on the worker's device
         batch["corrupt"]                                               # 0-dim: images dropped in this batch
 
-- Shards: `ray.data.read_parquet` (the V1 datasource: see `_read_shards`) over the split's shards listed in
-  ROOT/manifest.json (local path or pyarrow URI, s3://, gs://).
+- Source: a split whose shards total at most `in_memory_mb` (the manifest's `bytes`) is read once, on the driver,
+  and held encoded in Ray's object store; each epoch its decode tasks draw their rows from it in that epoch's
+  order (`_held_split`: no read, shuffle or repartition stage per epoch). A larger split streams from its shards:
+  `ray.data.read_parquet` (the V1 datasource: see `_read_shards`) over the shards listed in ROOT/manifest.json
+  (local path or pyarrow URI, s3://, gs://).
 - Filter: `include_ids` / `exclude_ids` (the per-epoch meta set in or out) as a numpy array, applied with
   `pyarrow.compute.is_in` per block, or as a `SharedIds` whose content may change between epochs
   without rebuilding the dataset (the dataset handed to a TorchTrainer cannot be replaced).
-- Order: a new one every epoch, reproducible from `seed`: a full `random_shuffle` of the encoded rows
-  (default; shards may be written class by class) or `randomize_block_order` (+ an optional local
-  shuffle buffer at iteration) for very large data, both with RandomSeedConfig(reseed_after_execution).
+- Order: a new one every epoch, reproducible from `seed`: a full shuffle of the encoded rows (default; shards
+  may be written class by class: a permutation of the held split, or `random_shuffle` of the streamed one) or,
+  streamed only, `randomize_block_order` (+ an optional local shuffle buffer at iteration) for very large data;
+  each execution reseeds (RandomSeedConfig(reseed_after_execution)).
 - Decode + augment: one `map_batches` decodes each image once and makes the views asked for (a stream that
   trains on the weak view skips the strong one; `dynloss.data.batches.views_from_rows`); a corrupt image is
   dropped and counted in the `corrupt` column (see that module), which `iter_train_batches` sums per batch.
+  Rows per decode call: about DECODE_CALL_BYTES of decoded views (`decode_rows`: 1,024 28x28 images, 55
+  224-px ones), unless `batch_size` says otherwise.
 
 CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit; on a small
 machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
@@ -32,7 +38,7 @@ init_ray(num_cpus=2); print(build_dataset('data/digits', 'test', preset='digits'
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,10 +55,12 @@ from dynloss.data.batches import (
     filter_ids,
     iter_local_batches,
     load_split_numpy,
+    read_rows,
     resolve_preset,
     split_locations,
     views_from_rows,
 )
+from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
 
 __all__ = [
@@ -60,6 +68,8 @@ __all__ = [
     "CountingCollate",
     "SharedIds",
     "build_dataset",
+    "decode_rows",
+    "is_held",
     "iter_local_batches",
     "iter_torch_batches_with_counts",
     "iter_train_batches",
@@ -67,6 +77,19 @@ __all__ = [
 ]
 
 SHUFFLES = ("full", "blocks", "none")
+#: decoded bytes per decode call (and per output block of a held split) when `batch_size` is not given
+DECODE_CALL_BYTES = 32 << 20
+
+
+def decode_rows(preset: Preset, train: bool = True, views: Sequence[str] = TRAIN_VIEWS) -> int:
+    """Rows per decode call: ~DECODE_CALL_BYTES of float32 views, 16 to 1,024. Larger calls cost less per image
+    (Fashion-MNIST: ~12% less at 1,024 rows than at 256, docs/performance.md section 2); the byte budget keeps
+    224-px output blocks small."""
+    return int(min(1024, max(16, DECODE_CALL_BYTES // _row_bytes(preset, train, views))))
+
+
+def _row_bytes(preset: Preset, train: bool, views: Sequence[str]) -> int:
+    return 4 * preset.channels * preset.size[0] * preset.size[1] * (len(views) if train else 1)
 
 
 # --------------------------------------------------------------------------------------- ids that change
@@ -146,8 +169,8 @@ def _read_shards(files: list[str], file_order) -> ray.data.Dataset:
 
 
 def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = True, exclude_ids=None,
-                  include_ids=None, batch_size: int = 256, seed: int | None = 0, shuffle: str | None = None,
-                  block_rows: int = 1024, mode: str | None = None, num_cpus: float = 1.0,
+                  include_ids=None, batch_size: int | None = None, seed: int | None = 0, shuffle: str | None = None,
+                  block_rows: int = 1024, in_memory_mb: float = 512, mode: str | None = None, num_cpus: float = 1.0,
                   concurrency: int | None = None, preset_params: Mapping | None = None,
                   views: Sequence[str] = TRAIN_VIEWS) -> ray.data.Dataset:
     """A Ray Dataset of decoded, augmented rows of `root/split`.
@@ -157,7 +180,10 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     preset: a name from dynloss.data.transforms.PRESETS (decode mode from the manifest's image.mode
       unless `mode` is given; `preset_params` e.g. {"size": 299}) or a built Preset.
     exclude_ids / include_ids: numpy int array, list, or SharedIds.
-    batch_size: rows per decode call (not the training batch size); block_rows: rows per decode task.
+    batch_size: rows per decode call (not the training batch size; default `decode_rows`).
+    in_memory_mb: a split whose shards total at most this many MB (manifest `bytes`) is held encoded in the
+      object store and ordered inside its decode tasks (`_held_split`); a larger one, or shuffle="blocks",
+      streams from parquet, `block_rows` rows per decode task. 0 always streams.
     shuffle: "full" (default when train), "blocks", or "none" (default when not train).
     seed: order seed (each execution, i.e. each epoch, reseeds from it; None = random); also the
       augmentation seed with shuffle="full" (with "blocks"/"none" augmentation draws fresh entropy).
@@ -165,7 +191,7 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     shuffle = shuffle or ("full" if train else "none")
     if shuffle not in SHUFFLES:
         raise ValueError(f"shuffle={shuffle!r} is not known; valid: {list(SHUFFLES)}")
-    if batch_size < 1 or block_rows < 1:
+    if (batch_size is not None and batch_size < 1) or block_rows < 1:
         raise ValueError(f"batch_size and block_rows must be >= 1, got {batch_size} and {block_rows}")
     preset = resolve_preset(preset, root, mode=mode, **dict(preset_params or {}))
     files = split_locations(root, split)
@@ -179,7 +205,15 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     # Augmentation is seeded per decode call from (seed, the ids in it). Only a full shuffle changes which
     # rows meet in a call from epoch to epoch; otherwise fixed seeds would repeat each epoch's augmentation.
     aug_seed = seed if shuffle == "full" else None
+    rows = batch_size or decode_rows(preset, train, views)
+    decode = {"preset": preset, "train": train, "seed": aug_seed, "views": tuple(views)}
+    tasks = {"num_cpus": num_cpus, "concurrency": concurrency}
 
+    if is_held(root, split, shuffle, in_memory_mb):
+        ds = _held_split(root, split, ids, order if shuffle == "full" else None, rows, decode, **tasks)
+        # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
+        ds.context.target_max_block_size = max(1 << 20, int(0.75 * rows * _row_bytes(preset, train, views)))
+        return ds
     file_order = ray.data.FileShuffleConfig(seed=int(seed)) if shuffle == "blocks" else None
     ds = _read_shards(files, file_order).select_columns(list(SHARD_COLUMNS))
     if ids["include_ids"] is not None or ids["exclude_ids"] is not None:
@@ -193,10 +227,53 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     if shuffle == "blocks":
         ds = ds.randomize_block_order(seed=order)
-    return ds.map_batches(views_from_rows, fn_kwargs={"preset": preset, "train": train, "seed": aug_seed,
-                                                      "views": tuple(views)},
-                          batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-                          num_cpus=num_cpus, concurrency=concurrency)
+    return ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
+                          zero_copy_batch=True, **tasks)
+
+
+def is_held(root: str, split: str, shuffle: str = "full", in_memory_mb: float = 512) -> bool:
+    """Whether `build_dataset` holds the split in the object store (else it streams it from parquet): shards
+    totalling at most `in_memory_mb` by the manifest (unknown sizes stream), and an order other than "blocks"."""
+    shards = read_manifest(root).get("splits", {}).get(split, {}).get("shards", [])
+    sizes = [s.get("bytes") for s in shards]
+    size = float(sum(sizes)) if sizes and None not in sizes else float("inf")
+    return shuffle != "blocks" and size <= in_memory_mb * 2**20
+
+
+def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None, rows: int, decode: dict,
+                num_cpus: float, concurrency: int | None) -> ray.data.Dataset:
+    """A small split without a read, shuffle or repartition stage per epoch. Its rows are read once here and put in
+    the object store; an epoch is `n` decode tasks, task i decoding slice i of that epoch's order, `rows` rows per
+    call, each call's views one output block (so batches reach the consumer while the task runs). `n` is twice the
+    decode tasks that fit at once, not one per ~1,000 rows: the executor leaves ~15-25 ms between consecutive tasks
+    on a CPU (docs/performance.md section 2), and large tasks no longer delay the first batch."""
+    table = read_rows(root, split)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    slots = concurrency or max(1, int(cpus // num_cpus if num_cpus > 0 else cpus))
+    n = max(1, min(-(-len(table) // rows), 2 * slots))
+    return ray.data.range(n, override_num_blocks=n).map_batches(
+        _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, **ids,
+                                   **decode},
+        batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
+
+
+def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: RandomSeedConfig | None, rows: int,
+                   include_ids, exclude_ids, **decode) -> Iterator[dict[str, np.ndarray]]:
+    """Decode task of a held split: for each slice index in ``batch["id"]``, that slice of this execution's order
+    (rows left by the id filter; a permutation from (seed, execution index), the same in every task, or id order
+    when ``order`` is None), in calls of ``rows`` rows. ``held`` wraps the table's ObjectRef (a ref inside a list
+    is passed as a ref, read here zero-copy)."""
+    table = _filter_block(ray.get(held[0]), include_ids, exclude_ids)
+    if order is None:
+        perm = np.arange(len(table))
+    else:
+        st = order.get_seed_tuple(data_context=ray.data.DataContext.get_current())
+        perm = np.random.default_rng([st.seed, st.execution_idx]).permutation(len(table))
+    per_task = -(-len(table) // tasks)
+    for i in batch["id"]:
+        part = perm[int(i) * per_task:(int(i) + 1) * per_task]
+        for start in range(0, len(part), rows):
+            yield views_from_rows(table.take(pa.array(part[start:start + rows])), **decode)
 
 
 # -------------------------------------------------------------------------------------------- consuming

@@ -95,7 +95,7 @@ def build_datasets(cfg: Config, manifest: dict) -> dict:
 
     common = {"preset": build_preset(cfg, manifest)[0],
               "preset_params": cfg.data.preset_params, "num_cpus": cfg.data.decode_cpus,
-              "concurrency": cfg.data.decode_concurrency}
+              "concurrency": cfg.data.decode_concurrency, "in_memory_mb": cfg.data.in_memory_mb}
     in_worker = in_worker_passes(cfg, manifest)
     return {
         "train": build_dataset(cfg.data.path, "train", train=True, seed=cfg.train.seed, shuffle=cfg.data.shuffle,

@@ -56,7 +56,7 @@ def test_ingest_benchmark_reports_both_paths_and_their_ratio(ray_local, digits, 
     for path in ("single_process", "ray_data"):  # two timed epochs each, the warm-up not among them
         assert len(r[path]["epoch_seconds"]) == 2
         assert sum(r[path]["epoch_seconds"]) == pytest.approx(r[path]["seconds"])
-    assert r["ray_data"]["corrupt"] == r["single_process"]["corrupt"] == 0
+    assert r["ray_data"]["corrupt"] == r["single_process"]["corrupt"] == 0 and r["source"] == "held"
     assert r["ratio_per_core"] == pytest.approx(r["ray_data"]["images_per_s_per_core"]
                                                 / r["single_process"]["images_per_s_per_core"])
     assert "ratio ray data / single-process" in capsys.readouterr().out
@@ -94,10 +94,10 @@ def test_scaling_benchmark_world_2_equals_world_1_and_reports_throughput(tmp_pat
 
 def test_ingest_benchmark_generates_and_reads_a_jpeg_set(ray_local, tmp_path):
     out = tmp_path / "ingest_jpeg.json"
-    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "1", "--warmup", "1",
+    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "1", "--warmup", "1", "--stream",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["preset"] == "imagenet" and r["images_generated"] == 30
+    assert r["preset"] == "imagenet" and r["images_generated"] == 30 and r["source"] == "streamed"
     assert r["single_process"]["images"] == r["ray_data"]["images"] == 30 and r["ray_data"]["corrupt"] == 0
     assert len(r["ray_data_by_cores"]) == 1
 

@@ -1,4 +1,5 @@
-"""Ray Data ingest on a real local Ray runtime (2 CPUs) over real parquet shards of PNG digits.
+"""Ray Data ingest on a real local Ray runtime (2 CPUs) over real parquet shards of PNG digits, through both
+sources of `build_dataset`: the split held in the object store (small splits) and streamed from parquet.
 
     .venv/bin/python -m pytest tests/test_ingest.py -q
 """
@@ -41,6 +42,15 @@ def corrupt_shards(tmp_path_factory):
     return str(root)
 
 
+#: build_dataset's in_memory_mb for the two sources: a split held in the object store, or streamed from parquet
+SOURCES = {"held": 512, "streamed": 0}
+
+
+@pytest.fixture(params=list(SOURCES))
+def in_memory_mb(request):
+    return SOURCES[request.param]
+
+
 def epoch_ids(ds_or_shard, **kw) -> tuple[list[int], int, list[dict]]:
     batches = list(iter_train_batches(ds_or_shard, batch_size=kw.pop("batch_size", 64), **kw))
     ids = torch.cat([b["id"] for b in batches]).tolist()
@@ -73,10 +83,11 @@ def test_auth_policy_turns_token_auth_on_and_never_off(ray_local, monkeypatch, t
     assert configure_auth(connecting=True) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
 
 
-def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_local, shards):
+def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_local, shards, in_memory_mb):
     root, labels = shards
     meta = np.random.default_rng(0).choice(N, size=50, replace=False)
-    ds = build_dataset(root, "train", preset="digits", exclude_ids=meta, batch_size=32, seed=0)
+    ds = build_dataset(root, "train", preset="digits", exclude_ids=meta, batch_size=32, seed=0,
+                       in_memory_mb=in_memory_mb)
     ids, corrupt, batches = epoch_ids(ds)
     assert sorted(ids) == sorted(set(range(N)) - set(meta.tolist())) and corrupt == 0
     b = batches[0]
@@ -86,9 +97,9 @@ def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_loc
     assert np.array_equal(b["label"].numpy(), labels[b["id"].numpy()])
 
 
-def test_two_consumers_get_disjoint_halves_covering_the_epoch(ray_local, shards):
+def test_two_consumers_get_disjoint_halves_covering_the_epoch(ray_local, shards, in_memory_mb):
     root, _ = shards
-    ds = build_dataset(root, "test", preset="digits", train=False, seed=0)
+    ds = build_dataset(root, "test", preset="digits", train=False, seed=0, in_memory_mb=in_memory_mb)
     splits = ds.streaming_split(2, equal=True)  # what Ray Train does with datasets={"train": ds}
     got: list[list[int]] = [[], []]
 
@@ -104,19 +115,46 @@ def test_two_consumers_get_disjoint_halves_covering_the_epoch(ray_local, shards)
     assert not set(got[0]) & set(got[1]) and sorted(got[0] + got[1]) == list(range(N))
 
 
-def test_a_corrupt_image_is_dropped_and_counted(ray_local, corrupt_shards):
-    ids, corrupt, batches = epoch_ids(build_dataset(corrupt_shards, "train", preset="digits", batch_size=16))
+def test_a_corrupt_image_is_dropped_and_counted(ray_local, corrupt_shards, in_memory_mb):
+    ids, corrupt, batches = epoch_ids(build_dataset(corrupt_shards, "train", preset="digits", batch_size=16,
+                                                    in_memory_mb=in_memory_mb))
     assert sorted(ids) == [i for i in range(60) if i != CORRUPT] and corrupt == 1
     assert all(b["weak"].shape[0] == b["id"].shape[0] for b in batches)
 
 
-def test_each_epoch_comes_in_a_new_order(ray_local, shards):
+def test_each_epoch_comes_in_a_new_order(ray_local, shards, in_memory_mb):
     root, _ = shards
-    ds = build_dataset(root, "train", preset="digits", batch_size=32, seed=3)
+    ds = build_dataset(root, "train", preset="digits", batch_size=32, seed=3, in_memory_mb=in_memory_mb)
     first, second = (epoch_ids(ds, epoch=e)[0] for e in (0, 1))
     assert sorted(first) == sorted(second) == list(range(N))
     assert first != second
     assert first != sorted(first)  # shuffled, not shard order
+
+
+def test_a_small_split_is_held_and_each_epoch_of_a_split_stream_is_a_new_full_permutation(ray_local, shards):
+    # Held: no parquet read, shuffle or repartition stage per epoch; the order comes from the decode tasks, the same
+    # permutation in each (else rows would repeat or go missing), a new one per execution, also through
+    # streaming_split (what Ray Train runs: one execution per epoch shared by the workers).
+    root, _ = shards
+    ds = build_dataset(root, "train", preset="digits", batch_size=16, seed=5)
+    ops, op = [], ds._logical_plan.dag
+    while op is not None:
+        ops.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert not any(name.startswith(("ReadParquet", "RandomShuffle", "Repartition")) for name in ops), ops
+    splits = ds.streaming_split(2, equal=False)
+    epochs = []
+    for _ in range(2):
+        got: list[list[int]] = [[], []]
+        threads = [threading.Thread(target=lambda i=i: got[i].extend(epoch_ids(splits[i], batch_size=16)[0]))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(got[0] + got[1]) == list(range(N)) and not set(got[0]) & set(got[1])
+        epochs.append(got[0] + got[1])
+    assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
 
 
 def test_shards_are_read_without_a_footer_actor_pool_per_epoch(ray_local, shards, monkeypatch):
@@ -124,7 +162,7 @@ def test_shards_are_read_without_a_footer_actor_pool_per_epoch(ray_local, shards
     # stream on a small split); the shards come through the V1 read, and the process-wide choice is left alone.
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx, "use_datasource_v2", True)  # Ray 2.60's default, whatever the environment says
-    ds = build_dataset(shards[0], "train", preset="digits", seed=0)
+    ds = build_dataset(shards[0], "train", preset="digits", seed=0, in_memory_mb=0)
     op = ds._logical_plan.dag
     while op.input_dependencies:
         op = op.input_dependencies[0]
@@ -132,10 +170,10 @@ def test_shards_are_read_without_a_footer_actor_pool_per_epoch(ray_local, shards
     assert sorted(epoch_ids(ds)[0]) == list(range(N))
 
 
-def test_shared_ids_change_the_filter_between_epochs_without_rebuilding(ray_local, shards):
+def test_shared_ids_change_the_filter_between_epochs_without_rebuilding(ray_local, shards, in_memory_mb):
     root, _ = shards
     meta = SharedIds(np.arange(0, 100))
-    ds = build_dataset(root, "test", preset="digits", train=False, exclude_ids=meta)
+    ds = build_dataset(root, "test", preset="digits", train=False, exclude_ids=meta, in_memory_mb=in_memory_mb)
     assert sorted(epoch_ids(ds)[0]) == list(range(100, N))
     meta.set(np.arange(100, N))
     assert sorted(epoch_ids(ds)[0]) == list(range(100))

@@ -1,8 +1,9 @@
 """`dynloss benchmark ingest`: images/s per CPU core of the Ray Data path against a plain single-process loop.
 
-The Ray path is the full training ingest (read parquet + id filter + shuffle + decode + the views asked for +
-iteration to the consumer, `pipelines.data`); the baseline a plain single-process decode + augment loop over
-the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in the same run,
+The Ray path is the full training ingest (`pipelines.data.build_dataset` as `dynloss train` builds it: a split
+held in the object store or read from parquet (`--stream` forces the read; `source` in the output), id
+filter, shuffle, decode + the views asked for, iteration to the consumer); the baseline a plain single-process
+decode + augment loop over the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in the same run,
 and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
 runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime of
 each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
@@ -101,11 +102,13 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     from dynloss.data.batches import iter_local_batches, read_rows, resolve_preset
     from dynloss.data.manifest import read_manifest
     from dynloss.data.transforms import preset_for_source
-    from pipelines.data import build_dataset, iter_train_batches
+    from pipelines.data import build_dataset, decode_rows, is_held, iter_train_batches
     from pipelines.ray_runtime import init_ray, shutdown_ray
 
     load_start = os.getloadavg()[0]
     train = not args.eval
+    shuffle = args.shuffle or ("full" if train else "none")
+    in_memory_mb = 0 if args.stream else 512
     preset = resolve_preset(args.preset or preset_for_source(read_manifest(data).get("source", "")), data)
     table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
 
@@ -131,8 +134,9 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         else:
             init_ray(args.address, num_cpus=args.num_cpus)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = build_dataset(data, args.split, preset=preset, train=train, batch_size=args.batch_size, seed=args.seed,
-                           shuffle=args.shuffle, views=args.views)
+        # the Ray path decodes in calls of its own size (decode_rows) and re-batches; the plain loop decodes per batch
+        ds = build_dataset(data, args.split, preset=preset, train=train, seed=args.seed, shuffle=shuffle,
+                           views=args.views, in_memory_mb=in_memory_mb)
 
         def ray_epoch(e: int, ds=ds):
             return iter_train_batches(ds, batch_size=args.batch_size, device="cpu", epoch=e)
@@ -153,7 +157,9 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         "benchmark": "ingest", "data": "generated 224-px JPEGs" if args.jpeg else data, "images_generated": args.jpeg,
         "split": args.split, "preset": preset.name,
         "views": "+".join(args.views) if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
-        "warmup_epochs": args.warmup, "shuffle": args.shuffle or ("full" if train else "none"),
+        "warmup_epochs": args.warmup, "shuffle": shuffle,
+        "source": "held" if is_held(data, args.split, shuffle, in_memory_mb) else "streamed",
+        "ray_decode_rows": decode_rows(preset, train, args.views),
         "single_process": local, "ray_data": remote, "ray_data_by_cores": scaling,
         "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"],
         "ratio_total": remote["images_per_s"] / local["images_per_s"],
@@ -167,7 +173,8 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
 
 def _print_ingest(r: dict) -> None:
     print(f"ingest: {r['data']} split={r['split']} preset={r['preset']} views={r['views']} "
-          f"batch={r['batch_size']} epochs={r['epochs']} (+{r['warmup_epochs']} warm-up) shuffle={r['shuffle']}")
+          f"batch={r['batch_size']} epochs={r['epochs']} (+{r['warmup_epochs']} warm-up) shuffle={r['shuffle']} "
+          f"source={r['source']}")
     print(f"{'path':<16}{'images':>8}{'corrupt':>9}{'seconds':>9}{'images/s':>10}{'cores':>7}{'images/s/core':>15}"
           f"{'warm-up s':>11}")
     rows = [("single-process", r["single_process"])] + [("ray data", x) for x in r["ray_data_by_cores"]]
@@ -188,7 +195,9 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
                         help="a fresh local Ray runtime of K CPUs per value (e.g. 1 2): how the rate grows with cores")
     parser.add_argument("--split", default="train")
     parser.add_argument("--preset", default=None, help="augmentation preset (default: from the manifest's source)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="batch handed to the consumer; the plain loop decodes per batch, the Ray path in calls of "
+                             "pipelines.data.decode_rows")
     parser.add_argument("--epochs", type=int, default=1,
                         help="timed epochs of each path (and of each --cores point), the two paths alternating")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (Ray worker start-up, imports)")
@@ -196,6 +205,8 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
                         help="train views to make (a config's train stream makes data.train_view only: weak)")
     parser.add_argument("--eval", action="store_true", help="the eval view instead of train views")
     parser.add_argument("--shuffle", choices=["full", "blocks", "none"], default=None)
+    parser.add_argument("--stream", action="store_true",
+                        help="stream the split from parquet even when it is small enough to be held in memory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
     parser.add_argument("--address", default=None, help="Ray cluster to use (default: RAY_ADDRESS or a local start)")

@@ -142,6 +142,21 @@ def test_views_from_rows_counts_corrupt_and_keeps_a_placeholder_for_an_all_corru
     assert batch["id"].tolist() == [10, 12] and int(batch["corrupt"]) == 3 and batch["strong"].shape == (2, 1, 8, 8)
 
 
+def test_collate_shares_a_writable_batch_and_copies_a_read_only_one():
+    views = np.arange(2 * 1 * 8 * 8, dtype=np.float32).reshape(2, 1, 8, 8)
+    batch = {"id": np.array([3, 4]), "label": np.array([0, 1]), "weak": views, "corrupt": np.array([1, 0])}
+    out = collate(batch)  # nothing dropped, writable: the tensors are the arrays
+    assert np.shares_memory(out["weak"].numpy(), views) and int(out["corrupt"]) == 1
+    frozen = views.copy()
+    frozen.flags.writeable = False  # what Ray hands out over the object store's shared memory
+    out = collate({**batch, "weak": frozen})
+    assert not np.shares_memory(out["weak"].numpy(), frozen)
+    out["weak"].add_(1)  # the consumer may write its batch; the source stays as it was
+    assert np.array_equal(frozen, views) and torch.equal(out["weak"], torch.from_numpy(views) + 1)
+    out = collate({**batch, "id": np.array([3, -1])})  # a placeholder row: dropped, so copied
+    assert out["id"].tolist() == [3] and not np.shares_memory(out["weak"].numpy(), views)
+
+
 def test_local_iterator_covers_the_split_filters_ids_and_reshuffles_each_epoch(tmp_path):
     _images, labels = write_digits(str(tmp_path), n=96, n_shards=3, corrupt_ids=[7])
     root = str(tmp_path)

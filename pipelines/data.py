@@ -64,6 +64,7 @@ from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
 
 __all__ = [
+    "IN_MEMORY_MB",
     "SHUFFLES",
     "CountingCollate",
     "SharedIds",
@@ -77,6 +78,8 @@ __all__ = [
 ]
 
 SHUFFLES = ("full", "blocks", "none")
+#: splits up to this many MB of shards are held in the object store by default (config: data.in_memory_mb)
+IN_MEMORY_MB = 512
 #: decoded bytes per decode call (and per output block of a held split) when `batch_size` is not given
 DECODE_CALL_BYTES = 32 << 20
 
@@ -170,8 +173,8 @@ def _read_shards(files: list[str], file_order) -> ray.data.Dataset:
 
 def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = True, exclude_ids=None,
                   include_ids=None, batch_size: int | None = None, seed: int | None = 0, shuffle: str | None = None,
-                  block_rows: int = 1024, in_memory_mb: float = 512, mode: str | None = None, num_cpus: float = 1.0,
-                  concurrency: int | None = None, preset_params: Mapping | None = None,
+                  block_rows: int = 1024, in_memory_mb: float = IN_MEMORY_MB, mode: str | None = None,
+                  num_cpus: float = 1.0, concurrency: int | None = None, preset_params: Mapping | None = None,
                   views: Sequence[str] = TRAIN_VIEWS) -> ray.data.Dataset:
     """A Ray Dataset of decoded, augmented rows of `root/split`.
 
@@ -231,7 +234,7 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
                           zero_copy_batch=True, **tasks)
 
 
-def is_held(root: str, split: str, shuffle: str = "full", in_memory_mb: float = 512) -> bool:
+def is_held(root: str, split: str, shuffle: str = "full", in_memory_mb: float = IN_MEMORY_MB) -> bool:
     """Whether `build_dataset` holds the split in the object store (else it streams it from parquet): shards
     totalling at most `in_memory_mb` by the manifest (unknown sizes stream), and an order other than "blocks"."""
     shards = read_manifest(root).get("splits", {}).get(split, {}).get("shards", [])

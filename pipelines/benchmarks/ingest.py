@@ -1,12 +1,12 @@
 """`dynloss benchmark ingest`: images/s per CPU core of the Ray Data path against a plain single-process loop.
 
 The Ray path is the full training ingest (`pipelines.data.build_dataset` as `dynloss train` builds it: a split
-held in the object store or read from parquet (`--stream` forces the read; `source` in the output), id
-filter, shuffle, decode + the views asked for, iteration to the consumer); the baseline a plain single-process
-decode + augment loop over the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in the same run,
-and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
-runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime of
-each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
+held in the object store or read from parquet (`--stream` forces the read; `source` in the output), id filter,
+shuffle, decode + the views asked for, iteration to the consumer); the baseline a plain single-process decode +
+augment loop over the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in
+the same run, and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of
+the Ray runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime
+of each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
 reported separately, not in the rate. The timed epochs alternate between the two paths (single process, Ray,
 single process, Ray, ...; with `--cores`, the single-process epochs of every point count towards its rate): a
 shared machine's speed drifts by tens of percent over seconds, and back-to-back blocks of one path then the other
@@ -102,13 +102,13 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     from dynloss.data.batches import iter_local_batches, read_rows, resolve_preset
     from dynloss.data.manifest import read_manifest
     from dynloss.data.transforms import preset_for_source
-    from pipelines.data import build_dataset, decode_rows, is_held, iter_train_batches
+    from pipelines.data import IN_MEMORY_MB, build_dataset, decode_rows, is_held, iter_train_batches
     from pipelines.ray_runtime import init_ray, shutdown_ray
 
     load_start = os.getloadavg()[0]
     train = not args.eval
     shuffle = args.shuffle or ("full" if train else "none")
-    in_memory_mb = 0 if args.stream else 512
+    in_memory_mb = 0 if args.stream else IN_MEMORY_MB
     preset = resolve_preset(args.preset or preset_for_source(read_manifest(data).get("source", "")), data)
     table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
 

@@ -59,6 +59,7 @@ from dynloss.data.batches import (
     resolve_preset,
     split_locations,
     views_from_rows,
+    views_in_order,
 )
 from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
@@ -213,10 +214,7 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     tasks = {"num_cpus": num_cpus, "concurrency": concurrency}
 
     if is_held(root, split, shuffle, in_memory_mb):
-        ds = _held_split(root, split, ids, order if shuffle == "full" else None, rows, decode, **tasks)
-        # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
-        ds.context.target_max_block_size = max(1 << 20, int(0.75 * rows * _row_bytes(preset, train, views)))
-        return ds
+        return _held_split(root, split, ids, order if shuffle == "full" else None, rows, decode, **tasks)
     file_order = ray.data.FileShuffleConfig(seed=int(seed)) if shuffle == "blocks" else None
     ds = _read_shards(files, file_order).select_columns(list(SHARD_COLUMNS))
     if ids["include_ids"] is not None or ids["exclude_ids"] is not None:
@@ -254,10 +252,14 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
     cpus = float(ray.cluster_resources().get("CPU", 1))
     slots = concurrency or max(1, int(cpus // num_cpus if num_cpus > 0 else cpus))
     n = max(1, min(-(-len(table) // rows), 2 * slots))
-    return ray.data.range(n, override_num_blocks=n).map_batches(
+    ds = ray.data.range(n, override_num_blocks=n).map_batches(
         _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, **ids,
                                    **decode},
         batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
+    # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
+    call_bytes = rows * _row_bytes(decode["preset"], decode["train"], decode["views"])
+    ds.context.target_max_block_size = max(1 << 20, int(0.75 * call_bytes))
+    return ds
 
 
 def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: RandomSeedConfig | None, rows: int,
@@ -274,9 +276,7 @@ def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: 
         perm = np.random.default_rng([st.seed, st.execution_idx]).permutation(len(table))
     per_task = -(-len(table) // tasks)
     for i in batch["id"]:
-        part = perm[int(i) * per_task:(int(i) + 1) * per_task]
-        for start in range(0, len(part), rows):
-            yield views_from_rows(table.take(pa.array(part[start:start + rows])), **decode)
+        yield from views_in_order(table, perm[int(i) * per_task:(int(i) + 1) * per_task], rows, **decode)
 
 
 # -------------------------------------------------------------------------------------------- consuming

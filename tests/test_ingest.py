@@ -16,7 +16,7 @@ from ingest_shards import write_digits
 
 ray = pytest.importorskip("ray")
 
-from pipelines.data import SharedIds, build_dataset, iter_train_batches
+from pipelines.data import IN_MEMORY_MB, SharedIds, build_dataset, iter_train_batches
 
 pytestmark = [
     pytest.mark.ray,
@@ -43,7 +43,7 @@ def corrupt_shards(tmp_path_factory):
 
 
 #: build_dataset's in_memory_mb for the two sources: a split held in the object store, or streamed from parquet
-SOURCES = {"held": 512, "streamed": 0}
+SOURCES = {"held": IN_MEMORY_MB, "streamed": 0}
 
 
 @pytest.fixture(params=list(SOURCES))

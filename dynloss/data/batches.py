@@ -164,9 +164,15 @@ def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bo
     if shuffle:
         order = np.random.default_rng(None if seed is None else [int(seed), int(epoch)]).permutation(len(table))
     aug_seed = None if seed is None else batch_seed(seed, np.zeros(0, np.int64), epoch)
-    for start in range(0, len(order), batch_size):
-        rows = table.take(pa.array(order[start:start + batch_size]))
-        yield collate(views_from_rows(rows, preset, train, seed=aug_seed, views=views), device)
+    for out in views_in_order(table, order, batch_size, preset=preset, train=train, seed=aug_seed, views=views):
+        yield collate(out, device)
+
+
+def views_in_order(table: pa.Table, order: np.ndarray, rows: int, **decode) -> Iterator[dict[str, np.ndarray]]:
+    """`views_from_rows` over the table's rows taken in ``order``, ``rows`` per call (``decode``: its preset, train,
+    seed, views). The plain loop and the Ray decode task of a held split (`pipelines.data`) both go through it."""
+    for start in range(0, len(order), rows):
+        yield views_from_rows(table.take(pa.array(order[start:start + rows])), **decode)
 
 
 def load_split_numpy(root: str, split: str, *, mode: str | None = None, include_ids=None, exclude_ids=None) -> dict:

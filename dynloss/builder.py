@@ -72,8 +72,12 @@ class Components:
         return torch.autocast("cuda", dtype=self.amp) if self.amp is not None else nullcontext()
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of images on the device, in the memory format the model was built for."""
+        """A batch of images on the device, in the memory format the model was built for: uint8 views (what the
+        presets make) are copied as uint8 and normalised there (``Preset.normalise``); a float batch is taken as
+        normalised already."""
         x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = self.preset.normalise(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 

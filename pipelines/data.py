@@ -8,6 +8,7 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
     # in loop(), every epoch:
     for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=128, epoch=epoch):
         batch["weak"], batch["strong"], batch["label"], batch["id"]   # tensors on the worker's device
+        x = preset.normalise(batch["weak"])                            # uint8 views -> the model's float32 input
         batch["corrupt"]                                               # 0-dim: images dropped in this batch
 
 - Source: a split whose shards total at most `in_memory_mb` (the manifest's `bytes`) is read once, on the driver,
@@ -25,8 +26,9 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
 - Decode + augment: one `map_batches` decodes each image once and makes the views asked for (a stream that
   trains on the weak view skips the strong one; `dynloss.data.batches.views_from_rows`); a corrupt image is
   dropped and counted in the `corrupt` column (see that module), which `iter_train_batches` sums per batch.
-  Rows per decode call: about DECODE_CALL_BYTES of decoded views (`decode_rows`: 1,024 28x28 images, 55
-  224-px ones), unless `batch_size` says otherwise.
+  The views are uint8 (normalised where the batch lands: `dynloss.builder.Components.input`). Rows per decode
+  call: about DECODE_CALL_BYTES of views (`decode_rows`: 1,024 28x28 images, 222 224-px ones), unless
+  `batch_size` says otherwise.
 
 CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit; on a small
 machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
@@ -86,14 +88,14 @@ DECODE_CALL_BYTES = 32 << 20
 
 
 def decode_rows(preset: Preset, train: bool = True, views: Sequence[str] = TRAIN_VIEWS) -> int:
-    """Rows per decode call: ~DECODE_CALL_BYTES of float32 views, 16 to 1,024. Larger calls cost less per image
+    """Rows per decode call: ~DECODE_CALL_BYTES of uint8 views, 16 to 1,024. Larger calls cost less per image
     (Fashion-MNIST: ~12% less at 1,024 rows than at 256, docs/performance.md section 2); the byte budget keeps
     224-px output blocks small."""
     return int(min(1024, max(16, DECODE_CALL_BYTES // _row_bytes(preset, train, views))))
 
 
 def _row_bytes(preset: Preset, train: bool, views: Sequence[str]) -> int:
-    return 4 * preset.channels * preset.size[0] * preset.size[1] * (len(views) if train else 1)
+    return preset.view_bytes * (len(views) if train else 1)
 
 
 # --------------------------------------------------------------------------------------- ids that change
@@ -180,7 +182,7 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     """A Ray Dataset of decoded, augmented rows of `root/split`.
 
     Columns: id, label, true_label (int64), weak + strong (train; or only the ``views`` asked for) or x (eval)
-    (float32 [C,H,W]), corrupt.
+    (uint8 [C,H,W]), corrupt.
     preset: a name from dynloss.data.transforms.PRESETS (decode mode from the manifest's image.mode
       unless `mode` is given; `preset_params` e.g. {"size": 299}) or a built Preset.
     exclude_ids / include_ids: numpy int array, list, or SharedIds.
@@ -245,20 +247,20 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
                 num_cpus: float, concurrency: int | None) -> ray.data.Dataset:
     """A small split without a read, shuffle or repartition stage per epoch. Its rows are read once here and put in
     the object store; an epoch is `n` decode tasks, task i decoding slice i of that epoch's order, `rows` rows per
-    call, each call's views one output block (so batches reach the consumer while the task runs). `n` is twice the
-    decode tasks that fit at once, not one per ~1,000 rows: the executor leaves ~15-25 ms between consecutive tasks
-    on a CPU (docs/performance.md section 2), and large tasks no longer delay the first batch."""
+    call, each call's views one output block (so batches reach the consumer while the task runs). `n` is the
+    decode tasks that fit at once, one task per slot: each further task on a slot cost ~0.17 s of a ~0.9 s
+    Fashion-MNIST-LT epoch on 1 CPU (two tasks against one, alternating; docs/performance.md section 2)."""
     table = read_rows(root, split)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     slots = concurrency or max(1, int(cpus // num_cpus if num_cpus > 0 else cpus))
-    n = max(1, min(-(-len(table) // rows), 2 * slots))
+    n = max(1, min(-(-len(table) // rows), slots))
     ds = ray.data.range(n, override_num_blocks=n).map_batches(
         _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, **ids,
                                    **decode},
         batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
     # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
     call_bytes = rows * _row_bytes(decode["preset"], decode["train"], decode["views"])
-    ds.context.target_max_block_size = max(1 << 20, int(0.75 * call_bytes))
+    ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
     return ds
 
 

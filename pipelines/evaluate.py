@@ -50,7 +50,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
     model.load_state_dict(eval_weights(state))  # the weights its eval/* metrics used (the average or the trained)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    batches = ({"x": b["x"], "label": b["label"]}
+    batches = ({"x": preset.normalise(b["x"].to(device)), "label": b["label"]}
                for b in iter_local_batches(data, split, preset, train=False, batch_size=batch_size, shuffle=False))
     arrays = prediction_arrays(predict(model, batches))
     thresholds = cfg.train.shot_thresholds

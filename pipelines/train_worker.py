@@ -52,11 +52,11 @@ def pass_split(cfg: Config, name: str) -> str:
 
 
 def in_worker_passes(cfg: Config, manifest: dict) -> set[str]:
-    """The passes whose worker part, decoded (float32 pixels + three int64 columns a row), fits ``data.cache_mb``
+    """The passes whose worker part, decoded (uint8 pixels + three int64 columns a row), fits ``data.cache_mb``
     together: read and decoded by each worker itself, kept after the first pass; the others stream through Ray
     Data (rank first: it runs every epoch of the Dynamic Loss). ``cache_mb: 0`` streams both."""
     preset = build_preset(cfg, manifest)[2]
-    per_row = preset.channels * preset.size[0] * preset.size[1] * 4 + 3 * 8
+    per_row = preset.view_bytes + 3 * 8
     budget, used, out = cfg.data.cache_mb * 2**20, 0, set()
     for name in PASS_SPLITS:
         rows = int(manifest["splits"][pass_split(cfg, name)]["rows"])

@@ -57,6 +57,10 @@ def test_ingest_benchmark_reports_both_paths_and_their_ratio(ray_local, digits, 
         assert len(r[path]["epoch_seconds"]) == 2
         assert sum(r[path]["epoch_seconds"]) == pytest.approx(r[path]["seconds"])
     assert r["ray_data"]["corrupt"] == r["single_process"]["corrupt"] == 0 and r["source"] == "held"
+    # both paths end at uint8 views; the normalisation that follows is timed apart, on the single-process batches
+    assert r["normalise_us_per_image"] == pytest.approx(1e6 * r["single_process"]["normalise_seconds"]
+                                                        / r["single_process"]["images"])
+    assert r["normalise_us_per_image"] > 0 and "normalise_seconds" not in r["ray_data"]
     assert r["ratio_per_core"] == pytest.approx(r["ray_data"]["images_per_s_per_core"]
                                                 / r["single_process"]["images_per_s_per_core"])
     assert "ratio ray data / single-process" in capsys.readouterr().out

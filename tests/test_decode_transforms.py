@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from ingest_shards import digits, encode, write_digits
+from torchvision.transforms import v2
 
 from dynloss.data.batches import collate, iter_local_batches, load_split_numpy, views_from_rows
 from dynloss.data.decode import decode_batch, decode_image_bytes, mode_from_manifest
+
 from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, preset_for_source, view_batch
 
 # torchvision 0.29 deprecates its codecs (pytest re-enables what dynloss.data.decode silences)
@@ -66,7 +68,7 @@ INPUT_HW = {"imagenet": (40, 56), "webvision": (40, 56), "imagenet-lt": (40, 56)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_makes_float_views_of_its_size_and_weak_differs_from_strong(name):
+def test_every_preset_makes_uint8_views_of_its_size_that_normalise_to_the_model_input(name):
     params = {"size": 32} if name in INPUT_HW else {}  # small ImageNet-style size keeps the test fast
     preset = build_preset(name, **params)
     h, w = INPUT_HW.get(name, preset.size)
@@ -74,13 +76,30 @@ def test_every_preset_makes_float_views_of_its_size_and_weak_differs_from_strong
     views = make_views(images, preset, train=True, seed=0)
     assert set(views) == {"weak", "strong"}
     for v in views.values():
-        assert v.dtype == torch.float32 and v.shape == (4, preset.channels, *preset.size)
+        assert v.dtype == torch.uint8 and v.shape == (4, preset.channels, *preset.size)
     assert not torch.equal(views["weak"], views["strong"])
     evals = make_views(images, preset, train=False)
     assert set(evals) == {"x"} and evals["x"].shape == (4, preset.channels, *preset.size)
+    # the batch's normalisation is the per-image float conversion + Normalize the views used to end with
+    per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(preset.mean), list(preset.std))])
+    x = preset.normalise(views["weak"])
+    assert x.dtype == torch.float32 and x.shape == views["weak"].shape
+    assert torch.allclose(x, torch.stack([per_image(v) for v in views["weak"]]), rtol=0, atol=1e-6)
     # normalised: a mid-gray image lands near zero, not in [0, 255] or [0, 1]
     mid = make_views([torch.full((preset.channels, h, w), 120, dtype=torch.uint8)], preset, train=False)["x"]
-    assert mid.abs().max() < 1.5
+    assert preset.normalise(mid).abs().max() < 1.5
+    with pytest.raises(ValueError, match="normalises uint8 views"):
+        preset.normalise(x)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar"])
+def test_erased_pixels_hold_the_mean_pixel_and_normalise_to_zero(name):
+    preset = build_preset(name)
+    white = [torch.full((preset.channels, *preset.size), 255, dtype=torch.uint8) for _ in range(16)]
+    x = preset.normalise(make_views(white, preset, True, seed=0, views=("strong",))["strong"])
+    erased = x.abs().amax(1) < 0.5 / 255 / min(preset.std)  # every channel within half a grey level of the mean
+    assert erased.any(1).any(1).sum() >= 4  # Cutout always, RandomErasing at p=0.5: holes in several images
+    assert (x[~erased.unsqueeze(1).expand_as(x)] > 0.5).float().mean() > 0.5  # the rest stays bright
 
 
 def test_seed_makes_views_reproducible_and_leaves_the_global_rng_alone():
@@ -101,15 +120,15 @@ def test_seed_makes_views_reproducible_and_leaves_the_global_rng_alone():
         make_views(images, preset, True, views=("x",))
 
 
-def test_cutout_zeroes_one_square_of_at_most_16_pixels_a_side():
+def test_cutout_fills_one_square_of_at_most_16_pixels_a_side():
     torch.manual_seed(0)
     sides = set()
     for _ in range(50):
-        out = Cutout(16)(torch.ones(3, 32, 32))
-        ys, xs = torch.nonzero(out[0] == 0, as_tuple=True)
+        out = Cutout(16, (125, 123, 114))(torch.full((3, 32, 32), 255, dtype=torch.uint8))
+        ys, xs = torch.nonzero(out[0] == 125, as_tuple=True)
         hy, hx = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
         assert hy <= 16 and hx <= 16 and len(ys) == hy * hx  # one filled rectangle
-        assert torch.equal(out[0] == 0, out[2] == 0)  # same hole in every channel
+        assert torch.equal(out[0] == 125, out[2] == 114)  # same hole in every channel, each its own fill
         sides.add((hy, hx))
     assert (16, 16) in sides and len(sides) > 1  # full squares inside, clipped ones at the borders
 
@@ -143,7 +162,7 @@ def test_views_from_rows_counts_corrupt_and_keeps_a_placeholder_for_an_all_corru
 
 
 def test_collate_shares_a_writable_batch_and_copies_a_read_only_one():
-    views = np.arange(2 * 1 * 8 * 8, dtype=np.float32).reshape(2, 1, 8, 8)
+    views = np.arange(2 * 1 * 8 * 8, dtype=np.uint8).reshape(2, 1, 8, 8)
     batch = {"id": np.array([3, 4]), "label": np.array([0, 1]), "weak": views, "corrupt": np.array([1, 0])}
     out = collate(batch)  # nothing dropped, writable: the tensors are the arrays
     assert np.shares_memory(out["weak"].numpy(), views) and int(out["corrupt"]) == 1

@@ -126,7 +126,7 @@ def test_the_ranking_pass_ranks_the_loss_the_config_names(digits):
         c = build_components(cfg_for(digits, rank_loss=rank_loss), read_manifest(digits), "cpu")
         data = load_data(c)
         corpora[rank_loss] = ranking_pass(c, data, TrainState(), 1)
-        x = torch.cat([b["x"] for b in data.rank_batches(1)])
+        x = c.input(torch.cat([b["x"] for b in data.rank_batches(1)]))
         with torch.no_grad():
             z = c.inner.eval()(x)
         extra = c.dyn.margins().detach() if rank_loss == "adjusted" else 0.0

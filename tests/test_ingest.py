@@ -92,7 +92,7 @@ def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_loc
     assert sorted(ids) == sorted(set(range(N)) - set(meta.tolist())) and corrupt == 0
     b = batches[0]
     assert set(b) == {"id", "label", "true_label", "weak", "strong", "corrupt"}
-    assert b["weak"].shape[1:] == (1, 8, 8) and b["weak"].dtype == torch.float32
+    assert b["weak"].shape[1:] == (1, 8, 8) and b["weak"].dtype == torch.uint8
     assert not torch.equal(b["weak"], b["strong"])
     assert np.array_equal(b["label"].numpy(), labels[b["id"].numpy()])
 

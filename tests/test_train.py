@@ -324,7 +324,7 @@ def test_small_passes_are_read_by_the_workers_and_larger_ones_streamed(digits, t
     from pipelines.train_worker import in_worker_passes
 
     manifest, raw = read_manifest(digits), base_config(digits, tmp_path, "passes")  # 2 workers, 8x8 grey, 591 + 355
-    rank_part = 296 * (8 * 8 * 4 + 24)  # bytes: rows of one worker's half (rounded up), float pixels + 3 int64
+    rank_part = 296 * (8 * 8 + 24)  # bytes: rows of one worker's half (rounded up), uint8 pixels + 3 int64
     for cache_mb, expected in ((1024, {"rank", "eval"}), (rank_part / 2**20, {"rank"}), (rank_part / 2**20 - 1e-6,
                                                                                          {"eval"}), (0, set())):
         raw["data"]["cache_mb"] = cache_mb

@@ -90,8 +90,8 @@ def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed:
                     views: Sequence[str] = TRAIN_VIEWS) -> dict[str, np.ndarray]:
     """Decode the `image` column of shard rows once, make the views, drop and count corrupt images.
 
-    Returns numpy columns id, label, true_label, the train ``views`` (weak + strong by default) or x (eval),
-    corrupt.
+    Returns numpy columns id, label, true_label, the train ``views`` (weak + strong by default) or x (eval; views
+    uint8, ``preset.normalise`` makes the model's input of them), corrupt.
     """
     if isinstance(rows, pa.Table):
         blobs = rows["image"].to_pylist()
@@ -113,7 +113,7 @@ def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed:
 
 
 def _placeholder(preset: Preset, train: bool, dropped: int, views: Sequence[str]) -> dict[str, np.ndarray]:
-    pixels = np.zeros((1, preset.channels, *preset.size), dtype=np.float32)
+    pixels = np.zeros((1, preset.channels, *preset.size), dtype=np.uint8)
     out = {c: np.full(1, PLACEHOLDER_ID, dtype=np.int64) for c in META_COLUMNS}
     out.update({v: pixels.copy() for v in views} if train else {"x": pixels})
     out["corrupt"] = np.array([dropped], dtype=np.int64)
@@ -124,7 +124,7 @@ def collate(batch: Mapping[str, np.ndarray], device: torch.device | str | None =
     """Numpy batch -> tensors; placeholder rows removed, `corrupt` summed into a 0-dim int64 tensor.
 
     A column is shared, not copied, when no row is dropped and the array is writable (fresh from the decode, or
-    concatenated by Ray's batcher): a 256-row batch of 224-px views is 154 MB. A read-only array (Ray's zero-copy
+    concatenated by Ray's batcher): a 256-row batch of 224-px views is 39 MB. A read-only array (Ray's zero-copy
     view of the object store's shared memory, which torch must not alias) is copied."""
     keep = np.asarray(batch["id"]) != PLACEHOLDER_ID
     whole = bool(keep.all())

@@ -4,9 +4,12 @@ The Ray path is the full training ingest (`pipelines.data.build_dataset` as `dyn
 held in the object store or read from parquet (`--stream` forces the read; `source` in the output), id filter,
 shuffle, decode + the views asked for, iteration to the consumer); the baseline a plain single-process decode +
 augment loop over the same shards (`dynloss.data.batches.iter_local_batches`, one torch thread); both measured in
-the same run, and their ratio. Per core: the single-process loop counts one core; the Ray path counts the CPUs of
-the Ray runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime
-of each size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
+the same run, and their ratio. Both end where a training loop takes over: uint8 views in a batch. What the loop
+does next, the same for both (`Preset.normalise`, on the GPU when there is one), is timed on the single-process
+path's batches (one torch thread), left out of its time, and reported per image (`normalise_us_per_image`: what a
+CPU trainer pays on top). Per core: the single-process loop counts one core; the Ray path counts the CPUs of the Ray
+runtime (`--num-cpus` for a local start; `--cores 1 2 ...` repeats the Ray path on a fresh local runtime of each
+size, to show how the rate grows with cores). Warm-up epochs (worker start-up, imports) run first and are
 reported separately, not in the rate. The timed epochs alternate between the two paths (single process, Ray,
 single process, Ray, ...; with `--cores`, the single-process epochs of every point count towards its rate): a
 shared machine's speed drifts by tens of percent over seconds, and back-to-back blocks of one path then the other
@@ -29,29 +32,48 @@ from collections.abc import Callable
 from pipelines.benchmarks import Runner, emit, subcommand
 
 
-def _consume(batches) -> tuple[int, int]:
-    """Drain an iterator of batches as a training loop would; returns (images, corrupt)."""
+VIEW_KEYS = ("weak", "strong", "x")
+
+
+def _consume(batches, normalise: Callable | None) -> tuple[int, int, float]:
+    """Drain an iterator of batches as a training loop would; with ``normalise``, also normalise every view (one
+    torch thread). Returns (images, corrupt, seconds spent normalising)."""
+    import torch
+
     images = corrupt = 0
+    spent, threads = 0.0, torch.get_num_threads()
     for batch in batches:
         images += int(batch["id"].shape[0])
         corrupt += int(batch["corrupt"])
-    return images, corrupt
+        if normalise is not None:
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            for key in VIEW_KEYS:
+                if key in batch:
+                    normalise(batch[key])
+            spent += time.perf_counter() - t0
+            torch.set_num_threads(threads)
+    return images, corrupt, spent
 
 
 def _path() -> dict:
     return {"images": 0, "corrupt": 0, "seconds": 0.0, "epoch_seconds": [], "warmup_seconds": 0.0}
 
 
-def _timed_epoch(r: dict, make_epoch: Callable[[int], object], epoch: int, *, warmup: bool = False) -> None:
-    """One epoch of a path, added to its record ``r`` (a warm-up epoch only to its warm-up time)."""
+def _timed_epoch(r: dict, make_epoch: Callable[[int], object], epoch: int, *, warmup: bool = False,
+                 normalise: Callable | None = None) -> None:
+    """One epoch of a path, added to its record ``r`` (a warm-up epoch only to its warm-up time); the time spent
+    in ``normalise`` is kept apart (``normalise_seconds``), not in the epoch's."""
     t0 = time.perf_counter()
-    n, c = _consume(make_epoch(epoch))
-    seconds = time.perf_counter() - t0
+    n, c, spent = _consume(make_epoch(epoch), normalise)
+    seconds = time.perf_counter() - t0 - spent
     if warmup:
         r["warmup_seconds"] += seconds
         return
     r["images"], r["corrupt"], r["seconds"] = r["images"] + n, r["corrupt"] + c, r["seconds"] + seconds
     r["epoch_seconds"].append(seconds)
+    if normalise is not None:
+        r["normalise_seconds"] = r.get("normalise_seconds", 0.0) + spent
 
 
 def generate_jpegs(out: str, n: int, size: int = 224, classes: int = 10, seed: int = 0) -> str:
@@ -145,7 +167,7 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         for e in range(args.warmup):
             _timed_epoch(remote, ray_epoch, e, warmup=True)
         for e in range(args.warmup, args.warmup + args.epochs):  # alternating, so both see the same machine
-            _timed_epoch(local, local_epoch, e)
+            _timed_epoch(local, local_epoch, e, normalise=preset.normalise)
             _timed_epoch(remote, ray_epoch, e)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
         scaling.append(_rates(remote))
@@ -163,6 +185,7 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         "single_process": local, "ray_data": remote, "ray_data_by_cores": scaling,
         "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"],
         "ratio_total": remote["images_per_s"] / local["images_per_s"],
+        "normalise_us_per_image": 1e6 * local["normalise_seconds"] / local["images"],
         "host_cpus": os.cpu_count(),
         # other processes on the host compete for the same cores; a load above host_cpus deflates both rates
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
@@ -184,6 +207,8 @@ def _print_ingest(r: dict) -> None:
     print(f"ratio ray data / single-process: per core {r['ratio_per_core']:.2f}, total {r['ratio_total']:.2f} "
           f"(host: {r['host_cpus']} CPUs, 1-min load {r['load_average_1min']['start']:.1f} -> "
           f"{r['load_average_1min']['end']:.1f})")
+    print(f"then normalising the uint8 views (the training loop's first step, the same for both; on the GPU when there "
+          f"is one): {r['normalise_us_per_image']:.1f} us per image on one CPU thread")
 
 
 @subcommand("ingest", help="Ray Data ingest vs a single-process decode+augment loop (images/s per core)")

@@ -13,7 +13,6 @@ from torchvision.transforms import v2
 
 from dynloss.data.batches import collate, iter_local_batches, load_split_numpy, views_from_rows
 from dynloss.data.decode import decode_batch, decode_image_bytes, mode_from_manifest
-
 from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, preset_for_source, view_batch
 
 # torchvision 0.29 deprecates its codecs (pytest re-enables what dynloss.data.decode silences)

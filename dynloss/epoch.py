@@ -82,7 +82,8 @@ def leave_out(batch: Batch, exclude: torch.Tensor | None) -> Batch:
 
 
 def _inputs(c: Components, batches: Iterable[Batch]) -> Iterator[Batch]:
-    """Images on the device in the model's memory format; the engine moves the other tensors itself."""
+    """Images on the device, normalised (uint8 views) and in the model's memory format (``Components.input``); the
+    engine moves the other tensors itself."""
     return ({**b, "x": c.input(b["x"])} for b in batches)
 
 

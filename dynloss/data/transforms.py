@@ -108,7 +108,10 @@ class Cutout(torch.nn.Module):
 
     def __init__(self, size: int = 16, value: float | Sequence[float] = 0) -> None:
         super().__init__()
-        self.size, self.value = int(size), [value] if isinstance(value, (int, float)) else list(value)
+        self.size = int(size)
+        # built once, not per image; assigning it into the image casts it to the image's dtype and device
+        self.value = torch.tensor([value] if isinstance(value, (int, float)) else list(value),
+                                  dtype=torch.float32).view(-1, 1, 1)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
@@ -116,7 +119,7 @@ class Cutout(torch.nn.Module):
         y0, y1 = max(cy - self.size // 2, 0), min(cy + self.size // 2, h)
         x0, x1 = max(cx - self.size // 2, 0), min(cx + self.size // 2, w)
         out = img.clone()
-        out[..., y0:y1, x0:x1] = torch.tensor(self.value, dtype=img.dtype, device=img.device).view(-1, 1, 1)
+        out[..., y0:y1, x0:x1] = self.value
         return out
 
 

@@ -32,13 +32,12 @@ from collections.abc import Callable
 from pipelines.benchmarks import Runner, emit, subcommand
 
 
-VIEW_KEYS = ("weak", "strong", "x")
-
-
 def _consume(batches, normalise: Callable | None) -> tuple[int, int, float]:
     """Drain an iterator of batches as a training loop would; with ``normalise``, also normalise every view (one
     torch thread). Returns (images, corrupt, seconds spent normalising)."""
     import torch
+
+    from dynloss.data.transforms import TRAIN_VIEWS
 
     images = corrupt = 0
     spent, threads = 0.0, torch.get_num_threads()
@@ -48,7 +47,7 @@ def _consume(batches, normalise: Callable | None) -> tuple[int, int, float]:
         if normalise is not None:
             torch.set_num_threads(1)
             t0 = time.perf_counter()
-            for key in VIEW_KEYS:
+            for key in (*TRAIN_VIEWS, "x"):  # the train views or the eval view
                 if key in batch:
                     normalise(batch[key])
             spent += time.perf_counter() - t0

@@ -52,6 +52,8 @@ AUTH_MODES = ("token", "disabled")
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where the State API of the runtime we started is served
 DATA_LOG_ENV = "RAY_DATA_LOG_LEVEL"  # read by Ray Data in every process of the runtime
 WARNINGS_ENV = "PYTHONWARNINGS"  # read by every Python process the runtime starts
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by every Ray Train controller the runtime starts
+TRAIN_POLL_S = "0.5"
 _ENV_SET: set[str] = set()  # variables init_ray set for the runtime it started (shutdown_ray removes them)
 
 
@@ -129,10 +131,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # every DatasetManager) are for Ray's developers: off in the runtime's processes unless verbose.
     data_level = "INFO" if level <= logging.INFO else "ERROR"
     logging.getLogger("ray.data").setLevel(data_level)
-    quiet_env = {DATA_LOG_ENV: data_level}
+    runtime_env_vars = {DATA_LOG_ENV: data_level}
     if level > logging.INFO:
-        quiet_env[WARNINGS_ENV] = "ignore::DeprecationWarning"
-    for name, value in quiet_env.items():
+        runtime_env_vars[WARNINGS_ENV] = "ignore::DeprecationWarning"
+    if not connecting:
+        # Ray Train V2's controller polls its workers every 2 s by default, and a run's end waits for two polls
+        # (one collects the last report, the next sees the workers done). One worker group on one machine polls
+        # cheaply; on a cluster the cluster's own setting stands.
+        runtime_env_vars[TRAIN_POLL_ENV] = TRAIN_POLL_S
+    for name, value in runtime_env_vars.items():
         if name not in os.environ:  # a user's own setting wins
             os.environ[name] = value
             _ENV_SET.add(name)

@@ -307,7 +307,7 @@ def test_ray_mode_starts_ray_through_init_ray_with_token_auth(tmp_path):
     ray = pytest.importorskip("ray")
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
-    from pipelines.ray_runtime import API_SERVER_ENV
+    from pipelines.ray_runtime import API_SERVER_ENV, TRAIN_POLL_ENV, TRAIN_POLL_S
 
     files = fx.write_folder(tmp_path / "src", split_dirs=False)
     bad = fx.write(tmp_path / "src" / "dog" / "bad.jpg", b"not an image")
@@ -315,13 +315,16 @@ def test_ray_mode_starts_ray_through_init_ray_with_token_auth(tmp_path):
     assert not ray.is_initialized()
     with Runner(1, use_ray=True, progress=False) as runner:
         assert get_authentication_mode() == AuthenticationMode.TOKEN
-        mode, api = runner.map(os.getenv, [("RAY_AUTH_MODE",), (API_SERVER_ENV,)], [1, 1], "env")
+        mode, api, poll = runner.map(os.getenv, [("RAY_AUTH_MODE",), (API_SERVER_ENV,), (TRAIN_POLL_ENV,)], [1, 1, 1],
+                                     "env")
         assert mode == "token"  # in the Ray worker processes too
-        # init_ray's local start: the State API address it names to every process (plain ray.init sets none)
+        # init_ray's local start: the State API address it names to every process (plain ray.init sets none), and
+        # Ray Train's controller poll (Ray's default 2 s)
         assert api is not None and api == os.environ[API_SERVER_ENV] and api.startswith("http://127.0.0.1:")
+        assert poll == TRAIN_POLL_S
         [scanned] = runner.map(scan_files, [(str(tmp_path / "src"), paths, "decode", False)], [len(paths)], "scan")
         assert [problem for _, problem in scanned] == [None] * len(paths)
         with pytest.raises(ValueError) as e:  # --strict in a Ray task: the file and reason, not Ray's traceback
             runner.map(scan_files, [(str(tmp_path / "src"), ["dog/bad.jpg"], "decode", True)], [1], "scan")
         assert str(e.value).startswith(f"{bad}: unreadable") and "ray::" not in str(e.value)
-    assert not ray.is_initialized() and API_SERVER_ENV not in os.environ
+    assert not ray.is_initialized() and API_SERVER_ENV not in os.environ and TRAIN_POLL_ENV not in os.environ

@@ -261,6 +261,10 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
     # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
     call_bytes = rows * _row_bytes(decode["preset"], decode["train"], decode["views"])
     ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
+    # Ray Data reserves part of the CPUs for each operator of a pipeline (op_resource_reservation_ratio 0.5), which
+    # keeps a single-operator plan like this one below its slots: on 2 CPUs the two decode tasks ran one after the
+    # other on one worker (docs/performance.md section 2). Nothing else here could starve: let it use them all.
+    ds.context.op_resource_reservation_enabled = False
     return ds
 
 

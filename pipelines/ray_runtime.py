@@ -131,15 +131,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     # every DatasetManager) are for Ray's developers: off in the runtime's processes unless verbose.
     data_level = "INFO" if level <= logging.INFO else "ERROR"
     logging.getLogger("ray.data").setLevel(data_level)
-    runtime_env_vars = {DATA_LOG_ENV: data_level}
+    process_env = {DATA_LOG_ENV: data_level}
     if level > logging.INFO:
-        runtime_env_vars[WARNINGS_ENV] = "ignore::DeprecationWarning"
+        process_env[WARNINGS_ENV] = "ignore::DeprecationWarning"
     if not connecting:
         # Ray Train V2's controller polls its workers every 2 s by default, and a run's end waits for two polls
         # (one collects the last report, the next sees the workers done). One worker group on one machine polls
         # cheaply; on a cluster the cluster's own setting stands.
-        runtime_env_vars[TRAIN_POLL_ENV] = TRAIN_POLL_S
-    for name, value in runtime_env_vars.items():
+        process_env[TRAIN_POLL_ENV] = TRAIN_POLL_S
+    for name, value in process_env.items():
         if name not in os.environ:  # a user's own setting wins
             os.environ[name] = value
             _ENV_SET.add(name)

@@ -16,8 +16,17 @@ setup() {
   if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
   fi
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+  # pip runs when pyproject.toml or constraints.txt changed since the last set-up (the install is editable: code
+  # changes need none). Reinstalling the editable package removes it for a moment, which a test process starting
+  # Ray workers beside it (the README-command test runs this) must not see.
+  local stamp=.venv/.dynloss-setup
+  local want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+    echo "$want" > "$stamp"
+  fi
   if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo -n"

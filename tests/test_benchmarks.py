@@ -47,6 +47,35 @@ def test_step_benchmark_refuses_an_unknown_model(capsys):
     assert "--models: unknown ['vgg7']" in capsys.readouterr().err
 
 
+def test_ingest_single_process_path_decodes_on_one_thread_while_its_views_are_normalised():
+    # the plain loop is counted as one core: normalising its batches (timed apart) must leave the thread count its
+    # epoch set, not the one from before the epoch (which let it decode on two threads from the second batch on)
+    import torch
+
+    from pipelines.benchmarks.ingest import _consume
+
+    seen, before = [], torch.get_num_threads()
+
+    def epoch():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(3):
+                seen.append(torch.get_num_threads())
+                yield {"id": torch.zeros(2), "corrupt": torch.tensor(0),
+                       "weak": torch.zeros(2, 1, 4, 4, dtype=torch.uint8)}
+        finally:
+            torch.set_num_threads(threads)
+
+    torch.set_num_threads(2)
+    try:
+        images, corrupt, spent = _consume(epoch(), lambda x: x.float())
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        assert (images, corrupt) == (6, 0) and spent >= 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ingest_benchmark_reports_both_paths_and_their_ratio(ray_local, digits, tmp_path, capsys):
     out = tmp_path / "ingest.json"
     assert main(["ingest", "--data", digits, "--preset", "digits", "--batch-size", "64", "--epochs", "2",

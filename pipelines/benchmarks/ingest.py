@@ -40,11 +40,14 @@ def _consume(batches, normalise: Callable | None) -> tuple[int, int, float]:
     from dynloss.data.transforms import TRAIN_VIEWS
 
     images = corrupt = 0
-    spent, threads = 0.0, torch.get_num_threads()
+    spent = 0.0
     for batch in batches:
         images += int(batch["id"].shape[0])
         corrupt += int(batch["corrupt"])
         if normalise is not None:
+            # what is in force now, not before the first batch: the single-process epoch sets one thread when it
+            # starts, and restoring the count from before it let its decode run on two from the second batch on
+            threads = torch.get_num_threads()
             torch.set_num_threads(1)
             t0 = time.perf_counter()
             for key in (*TRAIN_VIEWS, "x"):  # the train views or the eval view

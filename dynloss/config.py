@@ -94,6 +94,9 @@ class Data(Section):
     shuffle: Literal["full", "blocks", "none"] = "full"  # "none": id order every epoch (debugging, driver checks)
     decode_cpus: float = Field(1.0, gt=0)
     decode_concurrency: int | None = Field(None, ge=1)
+    decode_on: Literal["ray_data", "device"] = "ray_data"  # who decodes the training stream: Ray Data's CPU tasks, or
+    #   each training worker on its device (JPEGs by nvJPEG on a GPU; pipelines.data.iter_train_batches), the meta
+    #   batches too; the ranking and evaluation passes are decoded once and kept either way
     in_memory_mb: float = Field(512, ge=0)  # a split whose shards total at most this is held encoded in Ray's object
     #                                         store and ordered inside its decode tasks (pipelines.data.build_dataset);
     #                                         larger ones stream from parquet; 0 always streams

@@ -29,6 +29,9 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
   The views are uint8 (normalised where the batch lands: `dynloss.builder.Components.input`). Rows per decode
   call: about DECODE_CALL_BYTES of views (`decode_rows`: 1,024 28x28 images, 222 224-px ones), unless
   `batch_size` says otherwise.
+- Or no decode at all (`decode=False`, config `data.decode_on: device`): the rows reach the consumer encoded and
+  `iter_train_batches(..., decode=...)` decodes each batch where it is consumed, the JPEGs on the worker's GPU
+  (nvJPEG, `dynloss.data.batches.views_on_device`), for nodes with more GPU than CPU to spare.
 
 CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit; on a small
 machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
@@ -62,6 +65,7 @@ from dynloss.data.batches import (
     split_locations,
     views_from_rows,
     views_in_order,
+    views_on_device,
 )
 from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
@@ -71,6 +75,7 @@ __all__ = [
     "SHUFFLES",
     "CountingCollate",
     "SharedIds",
+    "augment_seed",
     "build_dataset",
     "decode_rows",
     "is_held",
@@ -178,11 +183,12 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
                   include_ids=None, batch_size: int | None = None, seed: int | None = 0, shuffle: str | None = None,
                   block_rows: int = 1024, in_memory_mb: float = IN_MEMORY_MB, mode: str | None = None,
                   num_cpus: float = 1.0, concurrency: int | None = None, preset_params: Mapping | None = None,
-                  views: Sequence[str] = TRAIN_VIEWS) -> ray.data.Dataset:
+                  views: Sequence[str] = TRAIN_VIEWS, decode: bool = True) -> ray.data.Dataset:
     """A Ray Dataset of decoded, augmented rows of `root/split`.
 
     Columns: id, label, true_label (int64), weak + strong (train; or only the ``views`` asked for) or x (eval)
-    (uint8 [C,H,W]), corrupt.
+    (uint8 [C,H,W]), corrupt. decode=False: the filtered, ordered rows still encoded (id, image, label,
+    true_label), for a consumer that decodes them itself (`iter_train_batches(decode=...)`).
     preset: a name from dynloss.data.transforms.PRESETS (decode mode from the manifest's image.mode
       unless `mode` is given; `preset_params` e.g. {"size": 299}) or a built Preset.
     exclude_ids / include_ids: numpy int array, list, or SharedIds.
@@ -208,11 +214,9 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     if seed is None:  # Ray would pin a seed=None shuffle at plan time; draw one so epochs still differ
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     order = RandomSeedConfig(seed=int(seed), reseed_after_execution=True)
-    # Augmentation is seeded per decode call from (seed, the ids in it). Only a full shuffle changes which
-    # rows meet in a call from epoch to epoch; otherwise fixed seeds would repeat each epoch's augmentation.
-    aug_seed = seed if shuffle == "full" else None
+    aug_seed = augment_seed(seed, shuffle)
     rows = batch_size or decode_rows(preset, train, views)
-    decode = {"preset": preset, "train": train, "seed": aug_seed, "views": tuple(views)}
+    decode = {"preset": preset, "train": train, "seed": aug_seed, "views": tuple(views)} if decode else None
     tasks = {"num_cpus": num_cpus, "concurrency": concurrency}
 
     if is_held(root, split, shuffle, in_memory_mb):
@@ -230,8 +234,17 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     if shuffle == "blocks":
         ds = ds.randomize_block_order(seed=order)
+    if decode is None:
+        return ds
     return ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
                           zero_copy_batch=True, **tasks)
+
+
+def augment_seed(seed: int | None, shuffle: str) -> int | None:
+    """The seed of a stream's augmentation: each decode call is seeded from (it, the ids in the call). Only a full
+    shuffle changes which rows meet in a call from epoch to epoch; otherwise fixed seeds would repeat each epoch's
+    augmentation, so the other orders draw fresh entropy (None)."""
+    return seed if shuffle == "full" else None
 
 
 def is_held(root: str, split: str, shuffle: str = "full", in_memory_mb: float = IN_MEMORY_MB) -> bool:
@@ -243,23 +256,25 @@ def is_held(root: str, split: str, shuffle: str = "full", in_memory_mb: float = 
     return shuffle != "blocks" and size <= in_memory_mb * 2**20
 
 
-def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None, rows: int, decode: dict,
+def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None, rows: int, decode: dict | None,
                 num_cpus: float, concurrency: int | None) -> ray.data.Dataset:
     """A small split without a read, shuffle or repartition stage per epoch. Its rows are read once here and put in
     the object store; an epoch is `n` decode tasks, task i decoding slice i of that epoch's order, `rows` rows per
     call, each call's views one output block (so batches reach the consumer while the task runs). `n` is the
     decode tasks that fit at once, one task per slot: each further task on a slot cost ~0.17 s of a ~0.9 s
-    Fashion-MNIST-LT epoch on 1 CPU (two tasks against one, alternating; docs/performance.md section 2)."""
+    Fashion-MNIST-LT epoch on 1 CPU (two tasks against one, alternating; docs/performance.md section 2).
+    decode=None: the tasks hand out the rows of their slices encoded."""
     table = read_rows(root, split)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     slots = concurrency or max(1, int(cpus // num_cpus if num_cpus > 0 else cpus))
     n = max(1, min(-(-len(table) // rows), slots))
     ds = ray.data.range(n, override_num_blocks=n).map_batches(
-        _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, **ids,
-                                   **decode},
+        _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, "decode": decode,
+                                   **ids},
         batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
     # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
-    call_bytes = rows * _row_bytes(decode["preset"], decode["train"], decode["views"])
+    call_bytes = rows * (_row_bytes(decode["preset"], decode["train"], decode["views"]) if decode
+                         else max(1, table.nbytes // max(1, len(table))))
     ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
     # Ray Data reserves part of the CPUs for each operator of a pipeline (op_resource_reservation_ratio 0.5), which
     # keeps a single-operator plan like this one below its slots: on 2 CPUs the two decode tasks ran one after the
@@ -269,11 +284,11 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
 
 
 def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: RandomSeedConfig | None, rows: int,
-                   include_ids, exclude_ids, **decode) -> Iterator[dict[str, np.ndarray]]:
+                   decode: dict | None, include_ids, exclude_ids) -> Iterator[dict[str, np.ndarray] | pa.Table]:
     """Decode task of a held split: for each slice index in ``batch["id"]``, that slice of this execution's order
     (rows left by the id filter; a permutation from (seed, execution index), the same in every task, or id order
     when ``order`` is None), in calls of ``rows`` rows. ``held`` wraps the table's ObjectRef (a ref inside a list
-    is passed as a ref, read here zero-copy)."""
+    is passed as a ref, read here zero-copy). ``decode`` None: the rows themselves, encoded."""
     table = _filter_block(ray.get(held[0]), include_ids, exclude_ids)
     if order is None:
         perm = np.arange(len(table))
@@ -282,7 +297,11 @@ def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: 
         perm = np.random.default_rng([st.seed, st.execution_idx]).permutation(len(table))
     per_task = -(-len(table) // tasks)
     for i in batch["id"]:
-        yield from views_in_order(table, perm[int(i) * per_task:(int(i) + 1) * per_task], rows, **decode)
+        part = perm[int(i) * per_task:(int(i) + 1) * per_task]
+        if decode is None:
+            yield from (table.take(pa.array(part[s:s + rows])) for s in range(0, len(part), rows))
+        else:
+            yield from views_in_order(table, part, rows, **decode)
 
 
 # -------------------------------------------------------------------------------------------- consuming
@@ -295,14 +314,24 @@ class CountingCollate(NumpyBatchCollateFn):
 
 def iter_train_batches(shard, batch_size: int, device="auto", epoch: int = 0, *, seed: int = 0,
                        local_shuffle_buffer_size: int | None = None, drop_last: bool = False,
-                       prefetch_batches: int = 2) -> Iterable[dict[str, torch.Tensor]]:
+                       prefetch_batches: int = 2, decode: Mapping | None = None) -> Iterable[dict[str, torch.Tensor]]:
     """Batches of a Ray Train dataset shard (or any Dataset / DataIterator) as dicts of tensors.
 
     Keys: id, label, true_label, weak + strong (or x), corrupt (0-dim: images dropped for this batch).
     device "auto" = the Ray Train worker's device (cpu outside Ray Train). The dataset's order already
     changes every epoch (every execution); `epoch` only seeds the optional local shuffle buffer.
+    decode: for a dataset built with ``decode=False``, `views_on_device`'s arguments but the rows (preset, train,
+    device, seed, views): each batch is decoded here, in the consumer's thread, its views on ``decode["device"]``
+    (``device`` is not used then). Ray's prefetch threads still fetch the encoded batches ahead.
     """
     shuffle_seed = None if local_shuffle_buffer_size is None else int(seed) * 1_000_003 + int(epoch)
+    if decode is not None:
+        # decoded here, not in a collate_fn: that runs in Ray's prefetch thread, and seeded views borrow torch's
+        # global CPU generator (`dynloss.data.transforms`), which the training thread draws from too
+        encoded = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+                                     local_shuffle_buffer_size=local_shuffle_buffer_size,
+                                     local_shuffle_seed=shuffle_seed, prefetch_batches=prefetch_batches)
+        return (views_on_device(b, **decode) for b in encoded)
     return shard.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=CountingCollate(),
                                     drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size,
                                     local_shuffle_seed=shuffle_seed, prefetch_batches=prefetch_batches)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from dynloss.config import Config, ConfigError, flatten
 from dynloss.data import storage
 
-RESUMABLE = ("train.epochs", "train.eval_every", "data.decode_cpus", "data.decode_concurrency", "data.cache_mb",
-             "scaling.torch_threads", "run.")
+RESUMABLE = ("train.epochs", "train.eval_every", "data.decode_cpus", "data.decode_concurrency", "data.decode_on",
+             "data.cache_mb", "scaling.torch_threads", "run.")
 CHECKPOINT_PREFIX = "checkpoint_epoch"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 

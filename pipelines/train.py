@@ -88,7 +88,8 @@ def ensure_prepared(cfg: Config) -> None:
 def build_datasets(cfg: Config, manifest: dict) -> dict:
     """train (the view the config trains on, ``data.train_view``; new order every epoch), rank (train split, eval
     view), eval. Meta batches, and the rank and eval passes small enough to be kept (``in_worker_passes``), are
-    decoded by the workers themselves (``pipelines.train_worker``): no dataset is built for those."""
+    decoded by the workers themselves (``pipelines.train_worker``): no dataset is built for those. With
+    ``data.decode_on: device`` the train stream's rows stay encoded: the workers decode them too."""
     from dynloss.builder import build_preset
     from pipelines.data import build_dataset
     from pipelines.train_worker import PASS_SPLITS, in_worker_passes, pass_split
@@ -99,7 +100,7 @@ def build_datasets(cfg: Config, manifest: dict) -> dict:
     in_worker = in_worker_passes(cfg, manifest)
     return {
         "train": build_dataset(cfg.data.path, "train", train=True, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                               views=(cfg.data.train_view,), **common),
+                               views=(cfg.data.train_view,), decode=cfg.data.decode_on == "ray_data", **common),
         **{name: build_dataset(cfg.data.path, pass_split(cfg, name), train=False, shuffle="none", **common)
            for name in PASS_SPLITS if name not in in_worker},
     }

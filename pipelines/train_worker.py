@@ -16,7 +16,9 @@ trust), the same function the Ray-free runner ``dynloss.local`` calls; the compo
   a per-batch id filter: the Ray Dataset handed to the trainer cannot change per epoch, and a ~1% filter
   costs nothing);
 * meta and fine-tune rows are read straight from the shards by id (row groups outside them are skipped) and
-  decoded with the preset's views; which rows form each batch is decided in ``dynloss.epoch``.
+  decoded with the preset's views; which rows form each batch is decided in ``dynloss.epoch``;
+* with ``data.decode_on: device`` the training stream arrives encoded and the worker decodes it, and the meta
+  batches, on its device (``pipelines.data.iter_train_batches``; nvJPEG for JPEGs on a GPU).
 Mixed precision (bfloat16 autocast) and channels_last apply on CUDA only.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dynloss.builder import Components, build_components, build_preset
 from dynloss.checkpoint import load_rng, load_state, restore, save_rng, save_state
 from dynloss.config import Config
 from dynloss.data import read_manifest, read_split, storage
-from dynloss.data.batches import SHARD_COLUMNS, iter_local_batches, read_rows, views_from_rows
+from dynloss.data.batches import SHARD_COLUMNS, iter_local_batches, read_rows, views_on_device
 from dynloss.data.cache import PassCache
 from dynloss.epoch import TrainState, evaluate, ranking_pass, run_epoch, trust, watch_collapse
 from dynloss.schedules import fast_forward
@@ -94,18 +96,26 @@ class RayData:
         self.meta_rows: pa.Table | None = None
         self.cache = PassCache(c.cfg.data.cache_mb)  # the un-augmented passes, decoded once
         self.in_worker, self.world, self.rank = in_worker, world, rank
+        # where the worker decodes what it decodes: the meta batches, and the training stream when it comes encoded
+        self.decode_device = c.device if c.cfg.data.decode_on == "device" else torch.device("cpu")
 
-    def _shard(self, name: str, batch_size: int, epoch: int):
+    def _shard(self, name: str, batch_size: int, epoch: int, decode: dict | None = None):
         import ray.train
 
         from pipelines.data import iter_train_batches
 
         return iter_train_batches(ray.train.get_dataset_shard(name), batch_size=batch_size, device="cpu",
-                                  epoch=epoch, seed=self.cfg.train.seed)
+                                  epoch=epoch, seed=self.cfg.train.seed, decode=decode)
 
     def train_batches(self, epoch: int) -> Iterator[dict]:
+        from pipelines.data import augment_seed
+
         view = self.cfg.data.train_view
-        for b in self._shard("train", self.local_batch, epoch):
+        decode = None
+        if self.cfg.data.decode_on == "device":  # the dataset holds encoded rows (pipelines.train.build_datasets)
+            decode = {"preset": self.c.preset, "train": True, "views": (view,), "device": self.decode_device,
+                      "seed": augment_seed(self.cfg.train.seed, self.cfg.data.shuffle)}
+        for b in self._shard("train", self.local_batch, epoch, decode):
             yield {"id": b["id"], "x": b[view], "label": b["label"], "corrupt": b["corrupt"]}
 
     def _plain(self, name: str, epoch: int) -> Iterator[dict]:
@@ -137,8 +147,9 @@ class RayData:
         return {"label": self.meta_rows["label"].to_numpy(), "true_label": self.meta_rows["true_label"].to_numpy()}
 
     def meta_batch(self, index: np.ndarray, view: str, seed: int) -> dict:
-        v = views_from_rows(self.meta_rows.take(pa.array(index)), self.c.preset, True, seed=seed, views=(view,))
-        return {"x": torch.from_numpy(v[view]), "label": torch.from_numpy(v["label"])}
+        v = views_on_device(self.meta_rows.take(pa.array(index)), self.c.preset, True, self.decode_device, seed=seed,
+                            views=(view,))
+        return {"x": v[view], "label": v["label"]}
 
 
 class Worker:

@@ -3,6 +3,7 @@ with the fields docs/performance.md quotes. Nothing here asserts a time (STANDAR
 import json
 
 import pytest
+import torch
 
 from pipelines.benchmark import main
 
@@ -133,6 +134,22 @@ def test_ingest_benchmark_generates_and_reads_a_jpeg_set(ray_local, tmp_path):
     assert r["preset"] == "imagenet" and r["images_generated"] == 30 and r["source"] == "streamed"
     assert r["single_process"]["images"] == r["ray_data"]["images"] == 30 and r["ray_data"]["corrupt"] == 0
     assert len(r["ray_data_by_cores"]) == 1
+
+
+def test_ingest_benchmark_times_decoding_on_a_device_without_ray(tmp_path, capsys):
+    """``--device DEV --no-ray``: the single-process loop on the CPU and the same loop decoding on DEV (the GPU
+    machine has no Ray; the CPU stands in for it here), the same images through both."""
+    out = tmp_path / "ingest_device.json"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "2", "--warmup", "1", "--no-ray",
+                 "--device", device, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ray_data"] is None and r["ray_data_by_cores"] == [] and r["ratio_per_core"] is None
+    on = r["single_process_on_device"]
+    assert on["device"].startswith(device) and on["images"] == r["single_process"]["images"] == 60
+    assert len(on["epoch_seconds"]) == 2 and r["ratio_device"] == pytest.approx(
+        on["images_per_s"] / r["single_process"]["images_per_s"])
+    assert f"ratio decoding on {on['device']} / on the CPU" in capsys.readouterr().out
 
 
 def test_ingest_benchmark_needs_exactly_one_source(capsys):

@@ -58,7 +58,7 @@ def test_all_errors_at_once_each_naming_its_key(tmp_path):
 
 
 def test_enums_list_their_choices_and_nested_typos_are_caught(prepared):
-    errors = errors_of({"data": {"path": prepared, "train_veiw": "weak"},
+    errors = errors_of({"data": {"path": prepared, "train_veiw": "weak", "decode_on": "gpu"},
                         "optim": {"schedule": "linear"}, "scaling": {"use_gpu": "maybe"},
                         "dynamic": {"meta_view": "medium"}})
     text = "\n".join(errors)
@@ -66,6 +66,7 @@ def test_enums_list_their_choices_and_nested_typos_are_caught(prepared):
     assert "optim.schedule: must be one of 'cosine', 'step' or 'onecycle' (got 'linear')" in text
     assert "scaling.use_gpu: must be one of 'auto', True or False" in text
     assert "dynamic.meta_view: must be one of 'weak' or 'strong' (got 'medium')" in text
+    assert "data.decode_on: must be one of 'ray_data' or 'device' (got 'gpu')" in text
 
 
 def test_a_prepare_block_excuses_the_missing_path(tmp_path):

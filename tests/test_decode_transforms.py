@@ -11,7 +11,7 @@ import torch
 from ingest_shards import digits, encode, write_digits
 from torchvision.transforms import v2
 
-from dynloss.data.batches import collate, iter_local_batches, load_split_numpy, views_from_rows
+from dynloss.data.batches import collate, iter_local_batches, load_split_numpy, views_from_rows, views_on_device
 from dynloss.data.decode import decode_batch, decode_image_bytes, mode_from_manifest
 from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, preset_for_source, view_batch
 
@@ -19,6 +19,7 @@ from dynloss.data.transforms import PRESETS, Cutout, build_preset, make_views, p
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 IMAGES, LABELS = digits(64)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def rgb(img: np.ndarray) -> np.ndarray:
@@ -158,6 +159,69 @@ def test_views_from_rows_counts_corrupt_and_keeps_a_placeholder_for_an_all_corru
     merged = {k: np.concatenate([out[k], all_bad[k]]) for k in out}
     batch = collate(merged)
     assert batch["id"].tolist() == [10, 12] and int(batch["corrupt"]) == 3 and batch["strong"].shape == (2, 1, 8, 8)
+
+
+def mixed_rows(n: int = 12) -> dict:
+    """Shard rows of 32-px JPEGs (RGB and grey files), a PNG, a truncated JPEG and garbage: what a folder source
+    may hold."""
+    rng = np.random.default_rng(0)
+    blobs = [encode(rgb(np.kron(IMAGES[i], np.ones((4, 4), np.uint8))) if i % 3 else
+                    np.kron(IMAGES[i], np.ones((4, 4), np.uint8)), "JPEG") for i in range(n)]
+    blobs[4] = encode(rgb(np.kron(IMAGES[4], np.ones((4, 4), np.uint8))), "PNG")
+    blobs[5] = blobs[5][: len(blobs[5]) // 2]
+    blobs[7] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    return {"id": list(range(100, 100 + n)), "image": blobs, "label": [i % 10 for i in range(n)],
+            "true_label": [i % 10 for i in range(n)]}
+
+
+def test_views_decoded_where_the_batch_is_consumed_equal_those_of_the_decode_tasks():
+    """``data.decode_on: device``: the same rows and seed give `collate(views_from_rows(...))` exactly (on the CPU:
+    the same decoder), corrupt images dropped and counted; an all-corrupt batch is empty, not a placeholder."""
+    preset = build_preset("imagenet", size=24)
+    rows = mixed_rows()
+    for train, views in ((True, ("weak", "strong")), (True, ("strong",)), (False, ("weak", "strong"))):
+        here = views_on_device(rows, preset, train, "cpu", seed=5, views=views)
+        there = collate(views_from_rows(rows, preset, train, seed=5, views=views))
+        assert set(here) == set(there) and int(here["corrupt"]) == int(there["corrupt"]) == 2
+        assert here["id"].tolist() == [i for i in range(100, 112) if i not in (105, 107)]
+        for k in here:
+            assert torch.equal(here[k], there[k]), (train, views, k)
+    bad = {"id": [1, 2], "image": [b"", rows["image"][5]], "label": [0, 0], "true_label": [0, 0]}
+    empty = views_on_device(bad, preset, True, "cpu", seed=0, views=("weak",))
+    assert int(empty["corrupt"]) == 2 and empty["id"].numel() == 0 and empty["weak"].shape == (0, 3, 24, 24)
+
+
+def test_seeded_views_reseed_only_the_cpu_generator(monkeypatch):
+    """The transforms draw on the CPU; seeding a batch must not reseed the CUDA generators, which the training
+    process's dropout and Gumbel noise draw from (``torch.manual_seed`` would, and ``fork_rng(devices=[])`` does not
+    restore them). Checked on the call here; `test_gpu_decode_...` checks the CUDA state itself on a GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    make_views([torch.zeros(1, 8, 8, dtype=torch.uint8)], build_preset("digits"), True, seed=3)
+    view_batch([torch.zeros(1, 8, 8, dtype=torch.uint8)], build_preset("digits"), "strong", seed=3)
+    assert calls == []
+
+
+@CUDA
+def test_gpu_decode_matches_the_cpu_within_nvjpeg_rounding_and_leaves_the_cuda_rng_alone():
+    device = torch.device("cuda")
+    rows = mixed_rows()
+    for mode in ("RGB", "L"):
+        cpu, ok_cpu = decode_batch(rows["image"], mode)
+        gpu, ok_gpu = decode_batch(rows["image"], mode, device=device)
+        assert ok_gpu.tolist() == ok_cpu.tolist() and ok_cpu.sum() == 10
+        for a, b in zip(cpu, gpu):
+            assert b.device.type == "cuda" and b.dtype == torch.uint8 and a.shape == b.shape
+            assert (a.float() - b.cpu().float()).abs().mean() < 2.0  # libjpeg-turbo and nvJPEG round differently
+    preset = build_preset("imagenet", size=24)
+    torch.cuda.manual_seed(11)
+    state = torch.cuda.get_rng_state()
+    here = views_on_device(rows, preset, True, device, seed=5, views=("weak",))
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    there = collate(views_from_rows(rows, preset, True, seed=5, views=("weak",)))
+    assert here["weak"].device.type == "cuda" and torch.equal(here["id"], there["id"])
+    assert (here["weak"].cpu().float() - there["weak"].float()).abs().mean() < 2.0  # same crops and flips
 
 
 def test_collate_shares_a_writable_batch_and_copies_a_read_only_one():

@@ -16,6 +16,7 @@ from ingest_shards import write_digits
 
 ray = pytest.importorskip("ray")
 
+from dynloss.data.transforms import build_preset
 from pipelines.data import IN_MEMORY_MB, SharedIds, build_dataset, iter_train_batches
 
 pytestmark = [
@@ -120,6 +121,36 @@ def test_a_corrupt_image_is_dropped_and_counted(ray_local, corrupt_shards, in_me
                                                     in_memory_mb=in_memory_mb))
     assert sorted(ids) == [i for i in range(60) if i != CORRUPT] and corrupt == 1
     assert all(b["weak"].shape[0] == b["id"].shape[0] for b in batches)
+
+
+def test_encoded_rows_decoded_by_the_consumer_cover_the_epoch_and_count_the_corrupt(ray_local, corrupt_shards,
+                                                                                      in_memory_mb):
+    """``data.decode_on: device``: the dataset hands out the filtered, shuffled rows still encoded and the consumer
+    decodes each batch (on its device; the CPU here), dropping and counting a corrupt image as the decode tasks do."""
+    ds = build_dataset(corrupt_shards, "train", preset="digits", batch_size=16, exclude_ids=[3, 4],
+                       in_memory_mb=in_memory_mb, decode=False)
+    assert set(ds.schema().names) == {"id", "image", "label", "true_label"}
+    decode = {"preset": build_preset("digits"), "train": True, "views": ("weak",), "device": "cpu", "seed": 0}
+    ids, corrupt, batches = epoch_ids(ds, batch_size=16, decode=decode)
+    assert sorted(ids) == [i for i in range(60) if i not in (CORRUPT, 3, 4)] and corrupt == 1
+    assert all(set(b) == {"id", "label", "true_label", "weak", "corrupt"} for b in batches)
+    assert all(b["weak"].shape == (len(b["id"]), 1, 8, 8) and b["weak"].dtype == torch.uint8 for b in batches)
+    assert ids != sorted(ids)  # shuffled before it was decoded
+
+
+def test_the_consumer_decodes_the_views_the_decode_tasks_would_make(ray_local, shards):
+    """One decode task (held split), decode calls the size of the consumer's batches: the same rows meet in each,
+    so decoding in the consumer gives the decode tasks' views exactly (same rows, seeds and decoder; Ray Data may
+    hand out a task's blocks in another order)."""
+    root, _ = shards
+    common = {"preset": "digits", "batch_size": 25, "seed": 4, "concurrency": 1, "views": ("weak",)}
+    tasks = epoch_ids(build_dataset(root, "train", **common), batch_size=25)[2]
+    decode = {"preset": build_preset("digits"), "train": True, "views": ("weak",), "device": "cpu", "seed": 4}
+    here = epoch_ids(build_dataset(root, "train", decode=False, **common), batch_size=25, decode=decode)[2]
+    by_rows = {tuple(b["id"].tolist()): b["weak"] for b in tasks}
+    assert len(tasks) == len(here) == len(by_rows) == N // 25
+    for b in here:
+        assert torch.equal(by_rows[tuple(b["id"].tolist())], b["weak"])
 
 
 def test_each_epoch_comes_in_a_new_order(ray_local, shards, in_memory_mb):

@@ -351,11 +351,15 @@ def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monke
     assert steps_of(client, marker["run_id"], "train/loss") == [0]
 
     monkeypatch.delenv("DYNLOSS_FAIL_AT_EPOCH")
-    assert main(["--config", str(path), "--set", "train.eval_every=2"]) == 0  # the same job, submitted again
+    # the same job, submitted again; the rest of it decodes the training stream in the worker (data.decode_on)
+    assert main(["--config", str(path), "--set", "train.eval_every=2", "--set", "data.decode_on=device"]) == 0
     run = client.get_run(marker["run_id"])
     assert run.info.status == "FINISHED"
     assert steps_of(client, marker["run_id"], "train/loss") == [0, 1]  # epoch 0 was not trained again
-    assert run.data.tags.get("dynloss.changed_on_resume") == "train.eval_every"
+    assert run.data.tags.get("dynloss.changed_on_resume") == "data.decode_on,train.eval_every"
+    corrupt = client.get_metric_history(marker["run_id"], "data/corrupt")
+    assert [m.value for m in sorted(corrupt, key=lambda m: m.step)] == [1.0, 1.0]  # dropped by Ray Data, the worker
+    assert run.data.metrics["train/images"] == 591 - 1
     assert math.isfinite(run.data.metrics["eval/top1"]) and run.data.metrics["eval/images"] == 355
     report = pq.read_table(tmp_path / "runs" / "resubmit" / "checkpoint_epoch0001" / "label_report.parquet")
     assert np.isnan(report.column("trust").to_numpy()).all()  # a baseline has no corrector

@@ -93,15 +93,8 @@ def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed:
     Returns numpy columns id, label, true_label, the train ``views`` (weak + strong by default) or x (eval; views
     uint8, ``preset.normalise`` makes the model's input of them), corrupt.
     """
-    if isinstance(rows, pa.Table):
-        blobs = rows["image"].to_pylist()
-        meta = {c: rows[c].to_numpy().astype(np.int64, copy=False) for c in META_COLUMNS}
-    else:
-        blobs = list(rows["image"])
-        meta = {c: np.asarray(rows[c], dtype=np.int64) for c in META_COLUMNS}
-    images, ok = decode_batch(blobs, preset.mode)
-    dropped = int(len(blobs) - ok.sum())
-    out = {c: meta[c][ok] for c in META_COLUMNS}
+    meta, images, dropped = _decoded(rows, preset.mode)
+    out = dict(meta)
     out.update({k: v.numpy() for k, v in make_views(images, preset, train, seed=batch_seed(seed, out["id"]),
                                                     views=views).items()})
     out["corrupt"] = np.zeros(len(images), dtype=np.int64)
@@ -110,6 +103,36 @@ def views_from_rows(rows: pa.Table | Mapping, preset: Preset, train: bool, seed:
     elif dropped:
         out = _placeholder(preset, train, dropped, views)
     return out
+
+
+def views_on_device(rows: pa.Table | Mapping, preset: Preset, train: bool, device: torch.device | str,
+                    seed: int | None = None, views: Sequence[str] = TRAIN_VIEWS) -> dict[str, torch.Tensor]:
+    """`views_from_rows` where the batch is consumed: the images decoded on ``device`` (a GPU decodes the JPEGs,
+    `dynloss.data.decode.decode_batch`) and their views made there; the batch `collate` would give, views on the
+    device (id and labels stay on the CPU), ``corrupt`` already summed. The same seed gives the same views as
+    `views_from_rows` on the CPU (config ``data.decode_on: device``)."""
+    meta, images, dropped = _decoded(rows, preset.mode, device)
+    out = {c: torch.from_numpy(v) for c, v in meta.items()}
+    if images:
+        out.update(make_views(images, preset, train, seed=batch_seed(seed, meta["id"]), views=views))
+    else:
+        empty = torch.empty((0, preset.channels, *preset.size), dtype=torch.uint8, device=device)
+        out.update({v: empty for v in views} if train else {"x": empty})
+    out["corrupt"] = torch.tensor(dropped, dtype=torch.int64)
+    return out
+
+
+def _decoded(rows: pa.Table | Mapping, mode: str, device: torch.device | str | None = None
+             ) -> tuple[dict[str, np.ndarray], list[torch.Tensor], int]:
+    """The rows' metadata columns and decoded images (on ``device``), corrupt ones dropped; how many were."""
+    if isinstance(rows, pa.Table):
+        blobs = rows["image"].to_pylist()
+        meta = {c: rows[c].to_numpy().astype(np.int64, copy=False) for c in META_COLUMNS}
+    else:
+        blobs = list(rows["image"])
+        meta = {c: np.asarray(rows[c], dtype=np.int64) for c in META_COLUMNS}
+    images, ok = decode_batch(blobs, mode, device)
+    return {c: meta[c][ok] for c in META_COLUMNS}, images, int(len(blobs) - ok.sum())
 
 
 def _placeholder(preset: Preset, train: bool, dropped: int, views: Sequence[str]) -> dict[str, np.ndarray]:
@@ -152,9 +175,11 @@ def resolve_preset(preset: str | Preset, root: str | None = None, mode: str | No
 def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bool = True, batch_size: int = 256,
                        seed: int = 0, epoch: int = 0, include_ids=None, exclude_ids=None, shuffle: bool = True,
                        device: torch.device | str | None = None, table: pa.Table | None = None,
-                       views: Sequence[str] = TRAIN_VIEWS, **preset_params) -> Iterator[dict[str, torch.Tensor]]:
+                       views: Sequence[str] = TRAIN_VIEWS, decode_device: torch.device | str | None = None,
+                       **preset_params) -> Iterator[dict[str, torch.Tensor]]:
     """Single-process batches with the same keys as the Ray path (id, label, true_label, the train ``views`` or x,
-    corrupt); order and augmentation seeded by (seed, epoch). `table` reuses an already read split."""
+    corrupt); order and augmentation seeded by (seed, epoch). `table` reuses an already read split. decode_device:
+    decode and make the views there (`views_on_device`: a GPU decodes the JPEGs), the same views on the CPU."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     preset = resolve_preset(preset, root, **preset_params)
@@ -164,6 +189,11 @@ def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bo
     if shuffle:
         order = np.random.default_rng(None if seed is None else [int(seed), int(epoch)]).permutation(len(table))
     aug_seed = None if seed is None else batch_seed(seed, np.zeros(0, np.int64), epoch)
+    if decode_device is not None:
+        for start in range(0, len(order), batch_size):
+            yield views_on_device(table.take(pa.array(order[start:start + batch_size])), preset, train, decode_device,
+                                  seed=aug_seed, views=views)
+        return
     for out in views_in_order(table, order, batch_size, preset=preset, train=train, seed=aug_seed, views=views):
         yield collate(out, device)
 

@@ -6,6 +6,10 @@ JPEG, GIF and WebP; anything else (BMP, TIFF, ... from `folder` sources) goes th
 image never raises out of `decode_batch`: it is dropped and reported in the returned mask
 (DESIGN.md: "A corrupt image never kills a job: it is dropped and counted").
 
+`decode_batch(..., device="cuda")` decodes the batch's JPEGs on that GPU in one call (nvJPEG through
+`torchvision.io.decode_jpeg(device=...)`, as torchvision's reference scripts do); other formats, and a JPEG nvJPEG
+refuses (CMYK, progressive ones some versions reject), are decoded on the CPU and copied there.
+
     .venv/bin/python -c "from dynloss.data.decode import decode_image_bytes; \
 import io; from PIL import Image; b = io.BytesIO(); Image.new('RGB', (4, 3)).save(b, 'PNG'); \
 print(decode_image_bytes(b.getvalue(), 'L').shape)"
@@ -19,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not a dependency
@@ -34,7 +38,8 @@ CHANNELS: dict[str, int] = {"L": 1, "RGB": 3}
 
 # Magic numbers of the formats torchvision decodes natively. For these a decode failure means the
 # bytes are corrupt; only other formats fall back to Pillow.
-_NATIVE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_NATIVE_MAGIC = (b"\x89PNG\r\n\x1a\n", _JPEG_MAGIC, b"GIF87a", b"GIF89a")
 
 
 class CorruptImageError(ValueError):
@@ -92,19 +97,44 @@ def decode_image_bytes(data: bytes | bytearray | memoryview | np.ndarray, mode: 
     return img
 
 
-def decode_batch(blobs: Sequence, mode: str = "RGB") -> tuple[list[torch.Tensor], np.ndarray]:
+def decode_batch(blobs: Sequence, mode: str = "RGB", device: torch.device | str | None = None
+                 ) -> tuple[list[torch.Tensor], np.ndarray]:
     """Decode a batch; never raises for a bad image.
 
     Returns (images, ok): `images` holds the decodable ones in input order, `ok` is a bool mask over
-    the input (ok.sum() == len(images)); the number dropped is `len(blobs) - ok.sum()`.
+    the input (ok.sum() == len(images)); the number dropped is `len(blobs) - ok.sum()`. device: where the
+    images end up (None: the CPU); on a CUDA device the JPEGs are decoded there (module docstring).
     """
     check_mode(mode)
+    device = None if device is None else torch.device(device)
+    on_gpu = _gpu_jpegs(blobs, mode, device) if device is not None and device.type == "cuda" else {}
     images: list[torch.Tensor] = []
     ok = np.zeros(len(blobs), dtype=bool)
     for i, data in enumerate(blobs):
         try:
-            images.append(decode_image_bytes(data, mode))
-            ok[i] = True
+            img = on_gpu[i] if i in on_gpu else decode_image_bytes(data, mode)
         except CorruptImageError:
-            pass
+            continue
+        images.append(img if device is None else img.to(device, non_blocking=True))
+        ok[i] = True
     return images, ok
+
+
+def _gpu_jpegs(blobs: Sequence, mode: str, device: torch.device) -> dict[int, torch.Tensor]:
+    """The batch's JPEGs decoded on ``device`` in one nvJPEG call, by position in ``blobs``. When the call fails
+    (one corrupt or unsupported JPEG fails it), the JPEGs are decoded one by one there and those that fail
+    are left to the caller's CPU decode, which tells a corrupt image from one nvJPEG does not take."""
+    index = [i for i, b in enumerate(blobs) if b is not None and bytes(b[:3]) == _JPEG_MAGIC]
+    if not index:
+        return {}
+    data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in index]
+    try:
+        return dict(zip(index, decode_jpeg(data, mode=MODES[mode], device=device)))
+    except Exception:  # torch's image ops raise RuntimeError; anything else still falls back to one by one
+        out = {}
+        for i, d in zip(index, data):
+            try:
+                out[i] = decode_jpeg(d, mode=MODES[mode], device=device)
+            except Exception:
+                pass
+        return out

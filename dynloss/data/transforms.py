@@ -301,12 +301,16 @@ def view_batch(images: Sequence[torch.Tensor], preset: Preset, view: str, seed: 
 
 @contextmanager
 def _seeded(seed: int | None):
-    """torch's generator seeded with ``seed`` inside, the caller's state restored after (None: left as it is)."""
+    """torch's CPU generator seeded with ``seed`` inside, the caller's state restored after (None: left as it is).
+
+    The transforms draw their parameters there, also for images on a GPU. Only that generator is seeded:
+    ``torch.manual_seed`` would also reseed every CUDA generator, which ``fork_rng(devices=[])`` does not restore
+    (a training process's dropout and Gumbel noise on the GPU would restart from the seed of its last meta batch)."""
     if seed is None:
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 

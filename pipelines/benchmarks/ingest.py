@@ -16,11 +16,17 @@ shared machine's speed drifts by tens of percent over seconds, and back-to-back 
 would put that drift into the ratio. `--jpeg N` generates N 224-px JPEGs and prepares them as shards (the
 ImageNet-style path: JPEG decode + RandomResizedCrop), instead of `--data`.
 
+`--device cuda` adds a third path: the same single-process loop decoding and making the views on that device
+(`dynloss.data.batches.views_on_device`: the JPEGs by nvJPEG; what `data.decode_on: device` does in each training
+worker), timed to the device's last kernel, one host thread; `ratio_device` is its rate over the CPU loop's. It
+needs no Ray: `--no-ray` leaves the Ray path out (a machine without Ray, such as the GPU machine of docs/performance.md).
+
 Target (issue 10): the Ray path >= 0.9x the single-process loop per core, growing with cores.
 
     python -m pipelines.prepare digits --out data/digits
     python -m pipelines.benchmark ingest --data data/digits --split train --preset digits --epochs 2 --json ingest.json
     python -m pipelines.benchmark ingest --jpeg 2000 --cores 1 2 --json ingest_jpeg.json
+    python -m pipelines.benchmark ingest --jpeg 2000 --device cuda --no-ray --epochs 3
 """
 from __future__ import annotations
 
@@ -120,36 +126,86 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace, data: str) -> int:
-    import ray
     import torch
 
     from dynloss.data.batches import iter_local_batches, read_rows, resolve_preset
     from dynloss.data.manifest import read_manifest
     from dynloss.data.transforms import preset_for_source
-    from pipelines.data import IN_MEMORY_MB, build_dataset, decode_rows, is_held, iter_train_batches
-    from pipelines.ray_runtime import init_ray, shutdown_ray
 
     load_start = os.getloadavg()[0]
     train = not args.eval
     shuffle = args.shuffle or ("full" if train else "none")
-    in_memory_mb = 0 if args.stream else IN_MEMORY_MB
     preset = resolve_preset(args.preset or preset_for_source(read_manifest(data).get("source", "")), data)
     table = read_rows(data, args.split)  # read once, as a single-process loader would keep it in memory
 
-    def local_epoch(e: int):
+    def local_epoch(e: int, device: str | None = None):
         # Baseline: one process, one core (torch would otherwise spread small ops over every core), while it runs.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             yield from iter_local_batches(data, args.split, preset, train=train, batch_size=args.batch_size,
-                                          seed=args.seed, epoch=e, table=table, views=args.views)
+                                          seed=args.seed, epoch=e, table=table, views=args.views,
+                                          decode_device=device)
+            if device is not None and torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch ends with the device's last kernel
         finally:
             torch.set_num_threads(threads)
 
     local = _path()
     local["cores"] = 1
+    on_device = None
+    if args.device is not None:
+        on_device = {**_path(), "cores": 1, "device": str(torch.device(args.device))}
     for e in range(args.warmup):
         _timed_epoch(local, local_epoch, e, warmup=True)
+        if on_device is not None:
+            _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e, warmup=True)
+    if args.no_ray:
+        for e in range(args.warmup, args.warmup + args.epochs):
+            _timed_epoch(local, local_epoch, e, normalise=preset.normalise)
+            if on_device is not None:
+                _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e)
+        scaling = []
+    else:
+        scaling = _ray_paths(args, data, preset, train, shuffle, local, local_epoch, on_device)
+    _rates(local)
+    if on_device is not None:
+        _rates(on_device)
+    remote = scaling[-1] if scaling else None
+    result = {
+        "benchmark": "ingest", "data": "generated 224-px JPEGs" if args.jpeg else data, "images_generated": args.jpeg,
+        "split": args.split, "preset": preset.name,
+        "views": "+".join(args.views) if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
+        "warmup_epochs": args.warmup, "shuffle": shuffle, "source": None, "ray_decode_rows": None,
+        "single_process": local, "single_process_on_device": on_device, "ray_data": remote,
+        "ray_data_by_cores": scaling,
+        "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"] if remote else None,
+        "ratio_total": remote["images_per_s"] / local["images_per_s"] if remote else None,
+        "ratio_device": on_device["images_per_s"] / local["images_per_s"] if on_device else None,
+        "normalise_us_per_image": 1e6 * local["normalise_seconds"] / local["images"],
+        "host_cpus": os.cpu_count(),
+        # other processes on the host compete for the same cores; a load above host_cpus deflates both rates
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+    }
+    if remote is not None:
+        from pipelines.data import IN_MEMORY_MB, decode_rows, is_held
+
+        held = is_held(data, args.split, shuffle, 0 if args.stream else IN_MEMORY_MB)
+        result.update(source="held" if held else "streamed", ray_decode_rows=decode_rows(preset, train, args.views))
+    emit(result, _print_ingest, args.json)
+    return 0
+
+
+def _ray_paths(args: argparse.Namespace, data: str, preset, train: bool, shuffle: str, local: dict,
+               local_epoch: Callable, on_device: dict | None) -> list[dict]:
+    """The Ray path on each ``--cores`` point (or the runtime given), its timed epochs alternating with the
+    single-process ones (and those on the device); the Ray path's record per point."""
+    import ray
+
+    from pipelines.data import IN_MEMORY_MB, build_dataset, iter_train_batches
+    from pipelines.ray_runtime import init_ray, shutdown_ray
+
+    in_memory_mb = 0 if args.stream else IN_MEMORY_MB
     scaling = []
     for cores in args.cores or [None]:
         if cores is not None:  # a fresh local runtime of that many CPUs for each point
@@ -168,46 +224,36 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         remote = _path()
         for e in range(args.warmup):
             _timed_epoch(remote, ray_epoch, e, warmup=True)
-        for e in range(args.warmup, args.warmup + args.epochs):  # alternating, so both see the same machine
+        for e in range(args.warmup, args.warmup + args.epochs):  # alternating, so all see the same machine
             _timed_epoch(local, local_epoch, e, normalise=preset.normalise)
+            if on_device is not None:
+                _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e)
             _timed_epoch(remote, ray_epoch, e)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
         scaling.append(_rates(remote))
     if args.cores:
         shutdown_ray()
-    _rates(local)
-    remote = scaling[-1]
-    result = {
-        "benchmark": "ingest", "data": "generated 224-px JPEGs" if args.jpeg else data, "images_generated": args.jpeg,
-        "split": args.split, "preset": preset.name,
-        "views": "+".join(args.views) if train else "eval", "batch_size": args.batch_size, "epochs": args.epochs,
-        "warmup_epochs": args.warmup, "shuffle": shuffle,
-        "source": "held" if is_held(data, args.split, shuffle, in_memory_mb) else "streamed",
-        "ray_decode_rows": decode_rows(preset, train, args.views),
-        "single_process": local, "ray_data": remote, "ray_data_by_cores": scaling,
-        "ratio_per_core": remote["images_per_s_per_core"] / local["images_per_s_per_core"],
-        "ratio_total": remote["images_per_s"] / local["images_per_s"],
-        "normalise_us_per_image": 1e6 * local["normalise_seconds"] / local["images"],
-        "host_cpus": os.cpu_count(),
-        # other processes on the host compete for the same cores; a load above host_cpus deflates both rates
-        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
-    }
-    emit(result, _print_ingest, args.json)
-    return 0
+    return scaling
 
 
 def _print_ingest(r: dict) -> None:
     print(f"ingest: {r['data']} split={r['split']} preset={r['preset']} views={r['views']} "
-          f"batch={r['batch_size']} epochs={r['epochs']} (+{r['warmup_epochs']} warm-up) shuffle={r['shuffle']} "
-          f"source={r['source']}")
+          f"batch={r['batch_size']} epochs={r['epochs']} (+{r['warmup_epochs']} warm-up) shuffle={r['shuffle']}"
+          + (f" source={r['source']}" if r["source"] else ""))
     print(f"{'path':<16}{'images':>8}{'corrupt':>9}{'seconds':>9}{'images/s':>10}{'cores':>7}{'images/s/core':>15}"
           f"{'warm-up s':>11}")
     rows = [("single-process", r["single_process"])] + [("ray data", x) for x in r["ray_data_by_cores"]]
+    if r["single_process_on_device"]:
+        rows.insert(1, (f"on {r['single_process_on_device']['device']}", r["single_process_on_device"]))
     for name, x in rows:
         print(f"{name:<16}{x['images']:>8}{x['corrupt']:>9}{x['seconds']:>9.2f}{x['images_per_s']:>10.0f}"
               f"{x['cores']:>7g}{x['images_per_s_per_core']:>15.0f}{x['warmup_seconds']:>11.2f}")
-    print(f"ratio ray data / single-process: per core {r['ratio_per_core']:.2f}, total {r['ratio_total']:.2f} "
-          f"(host: {r['host_cpus']} CPUs, 1-min load {r['load_average_1min']['start']:.1f} -> "
+    if r["ratio_per_core"] is not None:
+        print(f"ratio ray data / single-process: per core {r['ratio_per_core']:.2f}, total {r['ratio_total']:.2f}")
+    if r["ratio_device"] is not None:
+        print(f"ratio decoding on {r['single_process_on_device']['device']} / on the CPU (one host thread each): "
+              f"{r['ratio_device']:.2f}")
+    print(f"(host: {r['host_cpus']} CPUs, 1-min load {r['load_average_1min']['start']:.1f} -> "
           f"{r['load_average_1min']['end']:.1f})")
     print(f"then normalising the uint8 views (the training loop's first step, the same for both; on the GPU when there "
           f"is one): {r['normalise_us_per_image']:.1f} us per image on one CPU thread")
@@ -237,5 +283,8 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray start (default: all)")
     parser.add_argument("--address", default=None, help="Ray cluster to use (default: RAY_ADDRESS or a local start)")
+    parser.add_argument("--device", default=None,
+                        help="also time the single-process loop decoding on this device (cuda: nvJPEG), one host thread")
+    parser.add_argument("--no-ray", action="store_true", help="leave the Ray path out (a machine without Ray)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     return run_ingest

@@ -130,11 +130,11 @@ def _gpu_jpegs(blobs: Sequence, mode: str, device: torch.device) -> dict[int, to
     data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in index]
     try:
         return dict(zip(index, decode_jpeg(data, mode=MODES[mode], device=device)))
-    except Exception:  # torch's image ops raise RuntimeError; anything else still falls back to one by one
+    except (RuntimeError, ValueError):  # what torch's image ops raise for bytes nvJPEG cannot decode
         out = {}
         for i, d in zip(index, data):
             try:
                 out[i] = decode_jpeg(d, mode=MODES[mode], device=device)
-            except Exception:
-                pass
+            except (RuntimeError, ValueError):
+                continue
         return out

@@ -297,6 +297,10 @@ class Config(Section):
             errors.append(f"dynamic.warmup_epochs: {self.dynamic.warmup_epochs} >= train.epochs={self.train.epochs}: "
                           "the whole run would be warm-up (no meta-learning) yet logged as the Dynamic Loss; lower "
                           "dynamic.warmup_epochs or raise train.epochs")
+        if self.checks_flips and self.dynamic.warmup_epochs == 0:
+            errors.append("dynamic.flip_check: the check decides once, on the classifier after warm-up; with "
+                          "dynamic.warmup_epochs: 0 that classifier is untrained and its verdict noise; set "
+                          "dynamic.warmup_epochs >= 1 or dynamic.flip_check: null")
         if self.train.ema_eval == "flipped" and self.train.ema_decay is None:
             errors.append("train.ema_eval: 'flipped' evaluates the weight average once the flip check fires, but "
                           "train.ema_decay is null (no average is kept); set train.ema_decay (e.g. 0.995) or "

@@ -108,6 +108,18 @@ def test_a_dynamic_run_that_would_be_all_warm_up_is_refused(prepared):
               "dynamic": {"warmup_epochs": 3}})  # a baseline has no warm-up
 
 
+def test_a_flip_check_without_warm_up_is_refused(prepared):
+    """The check reads the classifier once, after warm-up: with none it would read an untrained one (the README
+    command's test, one epoch and no warm-up, printed "labels 0, 1, 4, 5, 7, 9 look flipped" on clean labels)."""
+    raw = {"data": {"path": prepared}, "train": {"epochs": 3}, "dynamic": {"warmup_epochs": 0, "flip_check": 0.125}}
+    assert errors_of(raw) == ["dynamic.flip_check: the check decides once, on the classifier after warm-up; with "
+                              "dynamic.warmup_epochs: 0 that classifier is untrained and its verdict noise; set "
+                              "dynamic.warmup_epochs >= 1 or dynamic.flip_check: null"]
+    raw["dynamic"]["warmup_epochs"] = 1
+    validate(raw)
+    validate({**raw, "loss": {"name": "ce"}, "dynamic": {"warmup_epochs": 0, "flip_check": 0.125}})  # no check runs
+
+
 def test_augmentation_parameters_are_checked_with_the_config(prepared, tmp_path, capsys):
     errors = errors_of({"data": {"path": prepared, "preset": "fashion-mnist", "preset_params": {"flipp": True}}})
     assert errors == ["data.preset_params: unknown parameter flipp of preset 'fashion-mnist'; valid: flip, stats, "

@@ -24,9 +24,10 @@ def test_readme_main_command_prints_the_three_losses_side_by_side(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert "bash cluster/local/dev.sh run" in readme
     db = tmp_path / "mlflow.db"
-    # one epoch each; no warm-up, so the Dynamic Loss's one epoch is a meta epoch (ranking pass, meta steps)
+    # one epoch each; no warm-up, so the Dynamic Loss's one epoch is a meta epoch (ranking pass, meta steps), and
+    # no flip check (it decides on the classifier after warm-up: config refuses it without one)
     cmd = ["bash", "cluster/local/dev.sh", "run",
-           "--set", "train.epochs=1", "--set", "dynamic.warmup_epochs=0",
+           "--set", "train.epochs=1", "--set", "dynamic.warmup_epochs=0", "--set", "dynamic.flip_check=null",
            "--set", f"data.path={tmp_path / 'fmnist'}", "--set", f"run.storage_path={tmp_path / 'runs'}",
            "--mlflow-uri", f"sqlite:///{db}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1400)

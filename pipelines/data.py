@@ -322,15 +322,19 @@ def iter_train_batches(shard, batch_size: int, device="auto", epoch: int = 0, *,
     changes every epoch (every execution); `epoch` only seeds the optional local shuffle buffer.
     decode: for a dataset built with ``decode=False``, `views_on_device`'s arguments but the rows (preset, train,
     device, seed, views): each batch is decoded here, in the consumer's thread, its views on ``decode["device"]``
-    (``device`` is not used then). Ray's prefetch threads still fetch the encoded batches ahead.
+    (``device`` and ``prefetch_batches`` are not used then: the encoded batches are fetched as they are asked for,
+    while Ray Data's executor still runs ahead).
     """
     shuffle_seed = None if local_shuffle_buffer_size is None else int(seed) * 1_000_003 + int(epoch)
     if decode is not None:
-        # decoded here, not in a collate_fn: that runs in Ray's prefetch thread, and seeded views borrow torch's
-        # global CPU generator (`dynloss.data.transforms`), which the training thread draws from too
+        # Decoded here, not in a collate_fn: that runs in Ray's prefetch thread, and seeded views borrow torch's
+        # global CPU generator (`dynloss.data.transforms`), which the training thread draws from too. No prefetch
+        # thread at all: beside one, decoding Fashion-MNIST-LT here took ~10 s an epoch instead of ~0.8 s (many short
+        # GIL-releasing calls, each waiting for the GIL back; docs/performance.md section 2), and fetching the encoded
+        # batches costs ~0.1 s an epoch.
         encoded = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
                                      local_shuffle_buffer_size=local_shuffle_buffer_size,
-                                     local_shuffle_seed=shuffle_seed, prefetch_batches=prefetch_batches)
+                                     local_shuffle_seed=shuffle_seed, prefetch_batches=0)
         return (views_on_device(b, **decode) for b in encoded)
     return shard.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=CountingCollate(),
                                     drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size,

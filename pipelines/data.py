@@ -276,10 +276,10 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
     call_bytes = rows * (_row_bytes(decode["preset"], decode["train"], decode["views"]) if decode
                          else max(1, table.nbytes // max(1, len(table))))
     ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
-    # Ray Data reserves part of the CPUs for each operator of a pipeline (op_resource_reservation_ratio 0.5), which
-    # keeps a single-operator plan like this one below its slots: on 2 CPUs the two decode tasks ran one after the
-    # other on one worker (docs/performance.md section 2). Nothing else here could starve: let it use them all.
-    ds.context.op_resource_reservation_enabled = False
+    # Ray Data's resource allocator stays on (op_resource_reservation_enabled, a kill-switch Ray means to remove):
+    # turned off, the tasks of a held split could take every slot on a bare runtime (1 -> 2 CPUs 1.54x in the ingest
+    # benchmark), but in `dynloss train` the last decode task of each epoch then sat paused by backpressure for most
+    # of the epoch while the training slowed 1.5x (docs/performance.md section 2, session 22).
     return ds
 
 

@@ -151,23 +151,25 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
         finally:
             torch.set_num_threads(threads)
 
+    def single_process_epochs(e: int, warmup: bool = False) -> None:
+        """One epoch of the single-process loop, and of the same loop decoding on ``--device`` when asked."""
+        _timed_epoch(local, local_epoch, e, warmup=warmup, normalise=None if warmup else preset.normalise)
+        if on_device is not None:
+            _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e, warmup=warmup)
+
     local = _path()
     local["cores"] = 1
     on_device = None
     if args.device is not None:
         on_device = {**_path(), "cores": 1, "device": str(torch.device(args.device))}
     for e in range(args.warmup):
-        _timed_epoch(local, local_epoch, e, warmup=True)
-        if on_device is not None:
-            _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e, warmup=True)
+        single_process_epochs(e, warmup=True)
     if args.no_ray:
         for e in range(args.warmup, args.warmup + args.epochs):
-            _timed_epoch(local, local_epoch, e, normalise=preset.normalise)
-            if on_device is not None:
-                _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e)
+            single_process_epochs(e)
         scaling = []
     else:
-        scaling = _ray_paths(args, data, preset, train, shuffle, local, local_epoch, on_device)
+        scaling = _ray_paths(args, data, preset, train, shuffle, single_process_epochs)
     _rates(local)
     if on_device is not None:
         _rates(on_device)
@@ -196,8 +198,8 @@ def _ingest(args: argparse.Namespace, data: str) -> int:
     return 0
 
 
-def _ray_paths(args: argparse.Namespace, data: str, preset, train: bool, shuffle: str, local: dict,
-               local_epoch: Callable, on_device: dict | None) -> list[dict]:
+def _ray_paths(args: argparse.Namespace, data: str, preset, train: bool, shuffle: str,
+               single_process_epochs: Callable[[int], None]) -> list[dict]:
     """The Ray path on each ``--cores`` point (or the runtime given), its timed epochs alternating with the
     single-process ones (and those on the device); the Ray path's record per point."""
     import ray
@@ -225,9 +227,7 @@ def _ray_paths(args: argparse.Namespace, data: str, preset, train: bool, shuffle
         for e in range(args.warmup):
             _timed_epoch(remote, ray_epoch, e, warmup=True)
         for e in range(args.warmup, args.warmup + args.epochs):  # alternating, so all see the same machine
-            _timed_epoch(local, local_epoch, e, normalise=preset.normalise)
-            if on_device is not None:
-                _timed_epoch(on_device, lambda e: local_epoch(e, args.device), e)
+            single_process_epochs(e)
             _timed_epoch(remote, ray_epoch, e)
         remote["cores"] = float(ray.cluster_resources().get("CPU", 1))
         scaling.append(_rates(remote))

@@ -62,9 +62,9 @@ from dynloss.data.batches import (
     load_split_numpy,
     read_rows,
     resolve_preset,
+    rows_in_order,
     split_locations,
     views_from_rows,
-    views_in_order,
     views_on_device,
 )
 from dynloss.data.manifest import read_manifest
@@ -297,11 +297,8 @@ def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: 
         perm = np.random.default_rng([st.seed, st.execution_idx]).permutation(len(table))
     per_task = -(-len(table) // tasks)
     for i in batch["id"]:
-        part = perm[int(i) * per_task:(int(i) + 1) * per_task]
-        if decode is None:
-            yield from (table.take(pa.array(part[s:s + rows])) for s in range(0, len(part), rows))
-        else:
-            yield from views_in_order(table, part, rows, **decode)
+        for chunk in rows_in_order(table, perm[int(i) * per_task:(int(i) + 1) * per_task], rows):
+            yield chunk if decode is None else views_from_rows(chunk, **decode)
 
 
 # -------------------------------------------------------------------------------------------- consuming

@@ -189,20 +189,19 @@ def iter_local_batches(root: str, split: str, preset: str | Preset, *, train: bo
     if shuffle:
         order = np.random.default_rng(None if seed is None else [int(seed), int(epoch)]).permutation(len(table))
     aug_seed = None if seed is None else batch_seed(seed, np.zeros(0, np.int64), epoch)
-    if decode_device is not None:
-        for start in range(0, len(order), batch_size):
-            yield views_on_device(table.take(pa.array(order[start:start + batch_size])), preset, train, decode_device,
-                                  seed=aug_seed, views=views)
-        return
-    for out in views_in_order(table, order, batch_size, preset=preset, train=train, seed=aug_seed, views=views):
-        yield collate(out, device)
+    decode = {"preset": preset, "train": train, "seed": aug_seed, "views": views}
+    for chunk in rows_in_order(table, order, batch_size):
+        if decode_device is not None:
+            yield views_on_device(chunk, device=decode_device, **decode)
+        else:
+            yield collate(views_from_rows(chunk, **decode), device)
 
 
-def views_in_order(table: pa.Table, order: np.ndarray, rows: int, **decode) -> Iterator[dict[str, np.ndarray]]:
-    """`views_from_rows` over the table's rows taken in ``order``, ``rows`` per call (``decode``: its preset, train,
-    seed, views). The plain loop and the Ray decode task of a held split (`pipelines.data`) both go through it."""
+def rows_in_order(table: pa.Table, order: np.ndarray, rows: int) -> Iterator[pa.Table]:
+    """The table's rows taken in ``order``, ``rows`` at a time: the decode calls of the plain loop and of a held
+    split's Ray decode task (`pipelines.data`)."""
     for start in range(0, len(order), rows):
-        yield views_from_rows(table.take(pa.array(order[start:start + rows])), **decode)
+        yield table.take(pa.array(order[start:start + rows]))
 
 
 def load_split_numpy(root: str, split: str, *, mode: str | None = None, include_ids=None, exclude_ids=None) -> dict:

@@ -33,8 +33,9 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
   `iter_train_batches(..., decode=...)` decodes each batch where it is consumed, the JPEGs on the worker's GPU
   (nvJPEG, `dynloss.data.batches.views_on_device`), for nodes with more GPU than CPU to spare.
 
-CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit; on a small
-machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
+CPU: the decode tasks take `num_cpus` each (default 1) and Ray Data runs as many as fit, from each execution's
+first scheduling steps on (`pipelines.data_limits`: Ray Data alone ran one task for an execution's first second);
+on a small machine pass `concurrency=1` (or a fractional `num_cpus`) so the train workers keep their share.
 
     .venv/bin/python -c "from pipelines.ray_runtime import init_ray; from pipelines.data import build_dataset; \
 init_ray(num_cpus=2); print(build_dataset('data/digits', 'test', preset='digits', train=False).count())"
@@ -69,6 +70,7 @@ from dynloss.data.batches import (
 )
 from dynloss.data.manifest import read_manifest
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
+from pipelines.data_limits import first_limits
 
 __all__ = [
     "IN_MEMORY_MB",
@@ -220,7 +222,15 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     tasks = {"num_cpus": num_cpus, "concurrency": concurrency}
 
     if is_held(root, split, shuffle, in_memory_mb):
-        return _held_split(root, split, ids, order if shuffle == "full" else None, rows, decode, **tasks)
+        ds = _held_split(root, split, ids, order if shuffle == "full" else None, rows, decode, **tasks)
+    else:
+        ds = _streamed(files, ids, order, shuffle, seed, block_rows, rows, decode, tasks)
+    return first_limits(ds)  # all its tasks from an execution's first steps, not one for its first second
+
+
+def _streamed(files: list[str], ids: dict, order: RandomSeedConfig, shuffle: str, seed: int, block_rows: int,
+              rows: int, decode: dict | None, tasks: dict) -> ray.data.Dataset:
+    """A split streamed from its parquet shards: read, id filter, shuffle, repartition, decode (`build_dataset`)."""
     file_order = ray.data.FileShuffleConfig(seed=int(seed)) if shuffle == "blocks" else None
     ds = _read_shards(files, file_order).select_columns(list(SHARD_COLUMNS))
     if ids["include_ids"] is not None or ids["exclude_ids"] is not None:
@@ -277,9 +287,9 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
                          else max(1, table.nbytes // max(1, len(table))))
     ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
     # Ray Data's resource allocator stays on (op_resource_reservation_enabled, a kill-switch Ray means to remove):
-    # turned off, the tasks of a held split could take every slot on a bare runtime (1 -> 2 CPUs 1.54x in the ingest
-    # benchmark), but in `dynloss train` the last decode task of each epoch then sat paused by backpressure for most
-    # of the epoch while the training slowed 1.5x (docs/performance.md section 2, session 22).
+    # turned off, the last decode task of each `dynloss train` epoch sat paused by backpressure for most of the epoch
+    # while the training slowed 1.5x (docs/performance.md section 2, session 22). What had kept a held split's tasks
+    # one at a time with it on was the zero limits of an execution's first second (`pipelines.data_limits`).
     return ds
 
 

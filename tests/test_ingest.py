@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ ray = pytest.importorskip("ray")
 
 from dynloss.data.transforms import build_preset
 from pipelines.data import IN_MEMORY_MB, SharedIds, build_dataset, iter_train_batches
+from pipelines.data_limits import FirstLimits, first_limits
 
 pytestmark = [
     pytest.mark.ray,
@@ -189,6 +191,31 @@ def test_a_small_split_is_held_and_each_epoch_of_a_split_stream_is_a_new_full_pe
         assert sorted(got[0] + got[1]) == list(range(N)) and not set(got[0]) & set(got[1])
         epochs.append(got[0] + got[1])
     assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
+
+
+def test_an_execution_runs_its_tasks_side_by_side_from_its_first_steps(ray_local, shards):
+    # Ray Data read its resource limits as zero for each execution's first second (the coordinator's first answer,
+    # kept 1 s) and ran one task at a time meanwhile: two 0.9 s tasks on two free CPUs ran one after the other.
+    # Through streaming_split, as Ray Train runs it: the callback travels with the dataset to the coordinator actor.
+    # Several tries: a try may meet a worker process still starting; without FirstLimits none overlaps.
+    for in_memory_mb in SOURCES.values():
+        ds = build_dataset(shards[0], "train", preset="digits", in_memory_mb=in_memory_mb)
+        assert FirstLimits in ds.context.custom_execution_callback_classes
+    def timed_task(batch):  # local: pickled by value for the coordinator actor (tests/ is not on its path)
+        start = time.time()
+        time.sleep(0.9)
+        return {"start": np.array([start]), "end": np.array([time.time()])}
+
+    ds = first_limits(ray.data.range(2, override_num_blocks=2).map_batches(timed_task, batch_size=None))
+    (split,) = ds.streaming_split(1)
+    tries = []
+    for _ in range(3):
+        rows = list(split.iter_rows())
+        assert len(rows) == 2
+        tries.append(max(r["start"] for r in rows) < min(r["end"] for r in rows))
+        if tries[-1]:
+            break
+    assert tries[-1], f"the two tasks never overlapped in {len(tries)} executions"
 
 
 def test_shards_are_read_without_a_footer_actor_pool_per_epoch(ray_local, shards, monkeypatch):

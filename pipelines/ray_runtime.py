@@ -158,12 +158,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     return ctx
 
 
+#: the dashboard's port is drawn from here: above Ray's worker ports (10002-19999 by default), below the kernel's
+#: ephemeral range (Linux: 32768-60999), so no process the runtime starts can be handed it by `bind(0)` between our
+#: check and the dashboard's bind (an ephemeral pick once took it: "Failed to find a valid port for dashboard").
+DASHBOARD_PORTS = range(20000, 32768)
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):  # not Linux: the range IANA names for ephemeral ports
+        return range(49152, 65536)
+
+
 def _free_port() -> int:
+    """A port free on 127.0.0.1 now, from DASHBOARD_PORTS outside the ephemeral range (else any free port)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in random.sample(DASHBOARD_PORTS, 64) if p not in ephemeral] + [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")  # unreachable: port 0 always binds
 
 
 def shutdown_ray() -> None:

@@ -86,6 +86,26 @@ def test_auth_policy_turns_token_auth_on_and_never_off(ray_local, monkeypatch, t
     assert configure_auth(connecting=True) == "token" and os.environ["RAY_AUTH_MODE"] == "token"
 
 
+def test_the_dashboard_port_is_free_and_outside_the_kernels_ephemeral_range(monkeypatch):
+    # init_ray names the dashboard's port before ray.init starts; a port from the ephemeral range could be handed to
+    # one of the runtime's own processes by bind(0) meanwhile, and the dashboard (and ray.init) then fails.
+    import random
+    import socket
+
+    from pipelines.ray_runtime import DASHBOARD_PORTS, _ephemeral_ports, _free_port
+
+    eph = _ephemeral_ports()
+    if all(p in eph for p in (DASHBOARD_PORTS[0], DASHBOARD_PORTS[-1])):
+        pytest.skip(f"this kernel's ephemeral range {eph} covers {DASHBOARD_PORTS}")
+    ports = [_free_port() for _ in range(10)]
+    assert all(p in DASHBOARD_PORTS and p not in eph for p in ports), ports
+    taken, free = ports[0], next(p for p in ports if p != ports[0])
+    with socket.socket() as busy:  # a taken port is passed over
+        busy.bind(("127.0.0.1", taken))
+        monkeypatch.setattr(random, "sample", lambda population, k: [taken, free])
+        assert _free_port() == free
+
+
 def test_exclude_ids_yields_exactly_the_complement_with_labels_and_views(ray_local, shards, in_memory_mb):
     root, labels = shards
     meta = np.random.default_rng(0).choice(N, size=50, replace=False)

@@ -221,6 +221,7 @@ def test_an_execution_runs_its_tasks_side_by_side_from_its_first_steps(ray_local
     for in_memory_mb in SOURCES.values():
         ds = build_dataset(shards[0], "train", preset="digits", in_memory_mb=in_memory_mb)
         assert FirstLimits in ds.context.custom_execution_callback_classes
+
     def timed_task(batch):  # local: pickled by value for the coordinator actor (tests/ is not on its path)
         start = time.time()
         time.sleep(0.9)

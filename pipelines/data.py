@@ -21,7 +21,8 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
   without rebuilding the dataset (the dataset handed to a TorchTrainer cannot be replaced).
 - Order: a new one every epoch, reproducible from `seed`: a full shuffle of the encoded rows (default; shards
   may be written class by class: a permutation of the held split, or `random_shuffle` of the streamed one) or,
-  streamed only, `randomize_block_order` (+ an optional local shuffle buffer at iteration) for very large data;
+  streamed only, `randomize_block_order` (+ an optional local shuffle buffer at iteration) for very large data,
+  refused on shards whose classes come in runs (`dynloss.data.order`: prepare them with `--row-order shuffled`);
   each execution reseeds (RandomSeedConfig(reseed_after_execution)).
 - Decode + augment: one `map_batches` decodes each image once and makes the views asked for (a stream that
   trains on the weak view skips the strong one; `dynloss.data.batches.views_from_rows`); a corrupt image is
@@ -69,6 +70,7 @@ from dynloss.data.batches import (
     views_on_device,
 )
 from dynloss.data.manifest import read_manifest
+from dynloss.data.order import check_block_order
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
 from pipelines.data_limits import first_limits
 
@@ -198,7 +200,8 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
     in_memory_mb: a split whose shards total at most this many MB (manifest `bytes`) is held encoded in the
       object store and ordered inside its decode tasks (`_held_split`); a larger one, or shuffle="blocks",
       streams from parquet, `block_rows` rows per decode task. 0 always streams.
-    shuffle: "full" (default when train), "blocks", or "none" (default when not train).
+    shuffle: "full" (default when train), "blocks" (ValueError on shards in class runs:
+      `dynloss.data.order.check_block_order`), or "none" (default when not train).
     seed: order seed (each execution, i.e. each epoch, reseeds from it; None = random); also the
       augmentation seed with shuffle="full" (with "blocks"/"none" augmentation draws fresh entropy).
     """
@@ -209,6 +212,8 @@ def build_dataset(root: str, split: str, *, preset: str | Preset, train: bool = 
         raise ValueError(f"batch_size and block_rows must be >= 1, got {batch_size} and {block_rows}")
     preset = resolve_preset(preset, root, mode=mode, **dict(preset_params or {}))
     files = split_locations(root, split)
+    if shuffle == "blocks":
+        check_block_order(root, split)  # class-ordered shards would make batches of one class
     ids = {
         "include_ids": include_ids if isinstance(include_ids, SharedIds) else as_id_array(include_ids, "include_ids"),
         "exclude_ids": exclude_ids if isinstance(exclude_ids, SharedIds) else as_id_array(exclude_ids, "exclude_ids"),

@@ -4,7 +4,7 @@
     python -m pipelines.prepare fashion-mnist --out /tmp/dl_fmnist --imbalance 0.01 --noise sym:0.4 --seed 0
     python -m pipelines.prepare cifar10 --root ~/data --out file:///tmp/c10 --imbalance 0.01 --noise asym:0.2
     python -m pipelines.prepare webvision-mini --root /data/webvision --imagenet-val /data/imagenet/val \\
-        --out s3://bucket/webvision-mini --workers 16        # or --ray to run shard jobs as Ray tasks
+        --out s3://bucket/webvision-mini --row-order shuffled --workers 16   # or --ray: shard jobs as Ray tasks
     dynloss prepare animal10n --root /data/animal10n --out /tmp/a10n --strict
     dynloss prepare folder --root ~/my_images --out /tmp/mine --skip-empty-classes
 
@@ -12,6 +12,8 @@ Features:
   * sources read in their real formats (dynloss.data.sources); --root and --out may be local paths or
     pyarrow filesystem URIs;
   * --imbalance / --noise apply dynloss.noise to the train split, the clean label kept in true_label;
+  * --row-order shuffled numbers the train rows in a seeded random order (default: source order, often class
+    by class), which a stream that shuffles whole blocks needs (data.shuffle: blocks; dynloss.data.order);
   * a deterministic plan (OUT/_plan.json) written first, then one job per shard in a process pool
     (--workers) or as Ray tasks (--ray), with a progress bar;
   * re-runnable: shards this plan already finished (row count and sha256 checked) are kept, so a crashed
@@ -43,6 +45,7 @@ import numpy as np
 
 from dynloss.data import storage
 from dynloss.data.manifest import MANIFEST, build_manifest, write_manifest
+from dynloss.data.order import ROW_ORDERS
 from dynloss.data.plan import (
     PLAN_FILE,
     VERIFY_LEVELS,
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-convention", default="prior", choices=CONVENTIONS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size (default 64)")
+    p.add_argument("--row-order", default="source", choices=ROW_ORDERS,
+                   help="train rows in source order (default; sources often list class by class) or in a seeded "
+                   "random order, which data.shuffle: blocks needs (dynloss.data.order)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="shard jobs in parallel")
     p.add_argument("--ray", action="store_true",
                    help="run jobs as Ray tasks (started by pipelines.ray_runtime.init_ray, as in training: "
@@ -183,6 +189,8 @@ def _settings(args) -> dict:
         "imagenet_val": args.imagenet_val,
         "lists": args.lists,
         "splits": args.splits,
+        # only when not the default, so the fingerprint of a prepare made before the option existed is unchanged
+        **({"row_order": args.row_order} if args.row_order != "source" else {}),
     }
 
 
@@ -225,6 +233,9 @@ def _plan_split(runner: Runner, source, name: str, settings: dict, args) -> Spli
         more = f"; and {len(rejected) - 3} more" if len(rejected) > 3 else ""
         raise ValueError(f"split {name}: no usable rows left, all {len(rejected)} files were rejected ({shown}{more})"
                          if rejected else f"split {name}: no usable rows left")
+    if name == "train" and settings.get("row_order") == "shuffled":  # ids dense over a seeded permutation
+        perm = np.random.default_rng([settings["seed"], 0x0D3E]).permutation(len(keep))
+        keep, labels, truth, nbytes = keep[perm], labels[perm], truth[perm], nbytes[perm]
     bounds = shard_bounds(nbytes, int(settings["shard_size_mb"] * (1 << 20)))
     return SplitPlan(name, split.kind, keep, labels, truth, nbytes, bounds, rejected)
 

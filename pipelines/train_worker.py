@@ -45,6 +45,8 @@ LABEL_REPORT = "label_report.parquet"
 PER_CLASS = "per_class.json"
 
 
+#: data.shuffle: blocks - the training stream's local shuffle buffer, in batches (Ray Data's advice for block order)
+BLOCKS_BUFFER_BATCHES = 8
 PASS_SPLITS = ("rank", "eval")  # the un-augmented passes: the train split in the eval view, the eval split
 
 
@@ -99,13 +101,14 @@ class RayData:
         # where the worker decodes what it decodes: the meta batches, and the training stream when it comes encoded
         self.decode_device = c.device if c.cfg.data.decode_on == "device" else torch.device("cpu")
 
-    def _shard(self, name: str, batch_size: int, epoch: int, decode: dict | None = None):
+    def _shard(self, name: str, batch_size: int, epoch: int, decode: dict | None = None, buffer: int | None = None):
         import ray.train
 
         from pipelines.data import iter_train_batches
 
         return iter_train_batches(ray.train.get_dataset_shard(name), batch_size=batch_size, device="cpu",
-                                  epoch=epoch, seed=self.cfg.train.seed, decode=decode)
+                                  epoch=epoch, seed=self.cfg.train.seed, decode=decode,
+                                  local_shuffle_buffer_size=buffer)
 
     def train_batches(self, epoch: int) -> Iterator[dict]:
         from pipelines.data import augment_seed
@@ -115,7 +118,9 @@ class RayData:
         if self.cfg.data.decode_on == "device":  # the dataset holds encoded rows (pipelines.train.build_datasets)
             decode = {"preset": self.c.preset, "train": True, "views": (view,), "device": self.decode_device,
                       "seed": augment_seed(self.cfg.train.seed, self.cfg.data.shuffle)}
-        for b in self._shard("train", self.local_batch, epoch, decode):
+        # shuffle "blocks" keeps a block's rows together: a buffer of a few batches mixes them anew each epoch
+        buffer = BLOCKS_BUFFER_BATCHES * self.local_batch if self.cfg.data.shuffle == "blocks" else None
+        for b in self._shard("train", self.local_batch, epoch, decode, buffer):
             yield {"id": b["id"], "x": b[view], "label": b["label"], "corrupt": b["corrupt"]}
 
     def _plain(self, name: str, epoch: int) -> Iterator[dict]:

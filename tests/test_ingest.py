@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from ingest_shards import write_digits
+from ingest_shards import digits, encode, write_digits, write_manifest, write_split
 
 ray = pytest.importorskip("ray")
 
@@ -250,6 +250,24 @@ def test_shards_are_read_without_a_footer_actor_pool_per_epoch(ray_local, shards
         op = op.input_dependencies[0]
     assert op.name == "ReadParquet" and ctx.use_datasource_v2
     assert sorted(epoch_ids(ds)[0]) == list(range(N))
+
+
+def test_block_order_is_refused_on_shards_in_class_runs_and_mixes_shuffled_rows(ray_local, tmp_path):
+    # shuffle "blocks" reorders whole blocks and keeps a block's rows together: on shards written class by class
+    # (image folders, WebVision's lists) every batch would hold one or two classes; refused before anything runs
+    images, labels = digits(400)
+    blobs = [encode(img) for img in images]
+    for name, idx in (("sorted", np.argsort(labels, kind="stable")), ("mixed", np.random.default_rng(0).permutation(400))):
+        root = str(tmp_path / name)  # a manifest without label_runs: the check reads the label columns
+        write_manifest(root, {"train": write_split(root, "train", [blobs[i] for i in idx], labels[idx], n_shards=2)})
+    with pytest.raises(ValueError, match=r"split 'train' holds its classes in runs .*--row-order shuffled"):
+        build_dataset(str(tmp_path / "sorted"), "train", preset="digits", shuffle="blocks")
+    ds = build_dataset(str(tmp_path / "mixed"), "train", preset="digits", shuffle="blocks", block_rows=64,
+                       batch_size=32)
+    for _ in range(2):
+        ids, _, batches = epoch_ids(ds, batch_size=32)
+        assert sorted(ids) == list(range(400))
+        assert min(len(set(b["label"].tolist())) for b in batches[:-1]) >= 5  # ~9.6 of 10 in a random order
 
 
 def test_shared_ids_change_the_filter_between_epochs_without_rebuilding(ray_local, shards, in_memory_mb):

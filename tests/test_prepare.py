@@ -20,6 +20,7 @@ from PIL import Image
 
 from dynloss.data import load_source, read_manifest, read_split
 from dynloss.data import shards as shards_module
+from dynloss.data.order import check_block_order
 from dynloss.data.plan import scan_files
 from dynloss.noise import add_label_noise, make_long_tailed
 from pipelines.prepare import Runner, main
@@ -328,3 +329,33 @@ def test_ray_mode_starts_ray_through_init_ray_with_token_auth(tmp_path):
             runner.map(scan_files, [(str(tmp_path / "src"), ["dog/bad.jpg"], "decode", True)], [1], "scan")
         assert str(e.value).startswith(f"{bad}: unreadable") and "ray::" not in str(e.value)
     assert not ray.is_initialized() and API_SERVER_ENV not in os.environ and TRAIN_POLL_ENV not in os.environ
+
+
+def test_row_order_shuffled_numbers_train_rows_in_a_seeded_random_order(tmp_path):
+    # Sources list class by class; `data.shuffle: blocks` keeps a block's rows together, so it needs rows written
+    # in a random order (dynloss.data.order). The default keeps source order and the fingerprint it had.
+    src = tmp_path / "src"
+    files = fx.write_folder(src, per_class=8)
+    by_bytes = {(src / "train" / p).read_bytes(): y for p, y in files["train"]}
+    assert prepare("folder", "--root", src, "--out", tmp_path / "source") == 0
+    runs = read_manifest(str(tmp_path / "source"))["splits"]["train"]
+    assert runs["row_order"] == "source" and runs["label_runs"]["same"] > 0.9  # 21 of 23 neighbours: one class
+    assert "row_order" not in read_manifest(str(tmp_path / "source"))["settings"]
+
+    for out in ("a", "b"):
+        assert prepare("folder", "--root", src, "--out", tmp_path / out, "--row-order", "shuffled") == 0
+    m = read_manifest(str(tmp_path / "a"))
+    t = read_split(str(tmp_path / "a"), "train")
+    assert t.column("id").to_pylist() == list(range(24))  # dense ids, shards in id order
+    labels = t.column("label").to_pylist()
+    assert [by_bytes[b] for b in t.column("image").to_pylist()] == labels  # each image keeps its label
+    assert sorted(labels) == sorted(y for _, y in files["train"]) and labels != sorted(labels)
+    entry = m["splits"]["train"]
+    assert entry["row_order"] == "shuffled" and entry["counts"] == [8, 8, 8]
+    assert entry["label_runs"]["same"] < 0.6 and entry["label_runs"]["chance"] == pytest.approx(1 / 3)
+    assert m["splits"]["test"]["row_order"] == "source"  # evaluation order does not matter
+    assert read_split(str(tmp_path / "b"), "train").equals(t)  # seeded: the same order again
+    assert m["fingerprint"] != read_manifest(str(tmp_path / "source"))["fingerprint"]
+    check_block_order(str(tmp_path / "a"), "train")  # from the manifest's label_runs
+    with pytest.raises(ValueError, match=r"split 'train' holds its classes in runs \(91% .*--row-order shuffled"):
+        check_block_order(str(tmp_path / "source"), "train")

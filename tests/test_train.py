@@ -341,6 +341,7 @@ def test_resubmitting_the_same_job_resumes_it(ray_local, digits, tmp_path, monke
     raw["scaling"] = {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
     raw["run"]["max_failures"] = 0
     raw["data"]["cache_mb"] = 0  # the rank and eval passes stream through Ray Data (elsewhere the worker reads them)
+    raw["data"]["shuffle"] = "blocks"  # streamed in block order, mixed by the worker's local shuffle buffer
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("DYNLOSS_FAIL_AT_EPOCH", "1")

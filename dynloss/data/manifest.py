@@ -1,8 +1,9 @@
 """The dataset manifest (`OUT/manifest.json`): what a prepared folder holds and how it was made.
 
 Keys (DESIGN.md section 5, notes/common.md): format, source, root, classes, num_classes, image {mode, size,
-encoding}, splits {name: {rows, bytes, counts (per given label), true_counts, noise_rate, rejected, shards
-[{path, rows, bytes, sha256, first_id}]}}, noise {kind, rate, convention, dataset, split, seed,
+encoding}, splits {name: {rows, bytes, counts (per given label), true_counts, noise_rate, rejected, row_order
+("source" or "shuffled"), label_runs {same, chance} (dynloss.data.order), shards [{path, rows, bytes, sha256,
+first_id}]}}, noise {kind, rate, convention, dataset, split, seed,
 actual_rate, noisy_rows, rows_known, summary (dynloss.noise.noise_summary of the train rows)},
 imbalance {rho, profile, split, applied, counts_before, counts_after}, seed, totals {rows, bytes, shards,
 rejected}, rejected_file, settings, fingerprint, kept_shards, command, argv, version, created.
@@ -19,6 +20,7 @@ import re
 import numpy as np
 
 from dynloss.data import storage
+from dynloss.data.order import label_runs
 
 FORMAT = "dynloss-shards/1"
 MANIFEST = "manifest.json"
@@ -109,6 +111,8 @@ def build_manifest(source, plans: dict, receipts: dict[str, list[dict]], setting
             "true_counts": counts(p.true_labels, c) if known.any() else None,
             "noise_rate": stats and stats["rate"],
             "rejected": len(p.rejected),
+            "row_order": settings.get("row_order", "source") if name == "train" else "source",
+            "label_runs": dict(zip(("same", "chance"), label_runs(p.labels, p.true_labels))),
             "shards": shards,
         }
     kind, rate = settings["noise"]

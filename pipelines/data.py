@@ -29,7 +29,8 @@ reads its part with `iter_train_batches(ray.train.get_dataset_shard("train"), ..
   dropped and counted in the `corrupt` column (see that module), which `iter_train_batches` sums per batch.
   The views are uint8 (normalised where the batch lands: `dynloss.builder.Components.input`). Rows per decode
   call: about DECODE_CALL_BYTES of views (`decode_rows`: 1,024 28x28 images, 222 224-px ones), unless
-  `batch_size` says otherwise.
+  `batch_size` says otherwise; each call's views are one output block (`_call_blocks`), so batches reach the
+  consumer while a decode task runs.
 - Or no decode at all (`decode=False`, config `data.decode_on: device`): the rows reach the consumer encoded and
   `iter_train_batches(..., decode=...)` decodes each batch where it is consumed, the JPEGs on the worker's GPU
   (nvJPEG, `dynloss.data.batches.views_on_device`), for nodes with more GPU than CPU to spare.
@@ -251,8 +252,9 @@ def _streamed(files: list[str], ids: dict, order: RandomSeedConfig, shuffle: str
         ds = ds.randomize_block_order(seed=order)
     if decode is None:
         return ds
-    return ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
-                          zero_copy_batch=True, **tasks)
+    ds = ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
+                        zero_copy_batch=True, **tasks)
+    return _call_blocks(ds, rows * _row_bytes(decode["preset"], decode["train"], decode["views"]))
 
 
 def augment_seed(seed: int | None, shuffle: str) -> int | None:
@@ -287,14 +289,24 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
         _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, "decode": decode,
                                    **ids},
         batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
-    # one decode call's views per output block (blocks are flushed above the target, cut at 1.5x it)
-    call_bytes = rows * (_row_bytes(decode["preset"], decode["train"], decode["views"]) if decode
-                         else max(1, table.nbytes // max(1, len(table))))
-    ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
+    _call_blocks(ds, rows * (_row_bytes(decode["preset"], decode["train"], decode["views"]) if decode
+                             else max(1, table.nbytes // max(1, len(table)))))
     # Ray Data's resource allocator stays on (op_resource_reservation_enabled, a kill-switch Ray means to remove):
     # turned off, the last decode task of each `dynloss train` epoch sat paused by backpressure for most of the epoch
     # while the training slowed 1.5x (docs/performance.md section 2, session 22). What had kept a held split's tasks
     # one at a time with it on was the zero limits of an execution's first second (`pipelines.data_limits`).
+    return ds
+
+
+def _call_blocks(ds: ray.data.Dataset, call_bytes: int) -> ray.data.Dataset:
+    """``ds`` with each decode call's output its own block. Ray Data gathers a task's output into blocks of the
+    dataset's ``target_max_block_size`` (flushed above it, cut at 1.5x; 128 MiB by default), so a streamed decode
+    task's ~1,000 224-px views (150 MB) reached the consumer as one block when the task ended, and the consumer's
+    work on the first and last of them ran beside no decode. A target of 0.75 of a call's bytes makes each call a
+    block (docs/performance.md section 2, session 25: 224-px JPEGs streamed on 1 CPU 0.88-0.91 per core against
+    0.69-0.82). The target is the dataset's (Ray Data has none per operator); the read and shuffle blocks of a
+    streamed split kept their sizes (4,000 224-px JPEGs in 64 MB shards: 3 shuffled blocks of 46 MB, as before)."""
+    ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
     return ds
 
 

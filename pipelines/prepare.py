@@ -233,11 +233,12 @@ def _plan_split(runner: Runner, source, name: str, settings: dict, args) -> Spli
         more = f"; and {len(rejected) - 3} more" if len(rejected) > 3 else ""
         raise ValueError(f"split {name}: no usable rows left, all {len(rejected)} files were rejected ({shown}{more})"
                          if rejected else f"split {name}: no usable rows left")
-    if name == "train" and settings.get("row_order") == "shuffled":  # ids dense over a seeded permutation
+    row_order = settings.get("row_order", "source") if name == "train" else "source"  # only train is reordered
+    if row_order == "shuffled":  # ids dense over a seeded permutation
         perm = np.random.default_rng([settings["seed"], 0x0D3E]).permutation(len(keep))
         keep, labels, truth, nbytes = keep[perm], labels[perm], truth[perm], nbytes[perm]
     bounds = shard_bounds(nbytes, int(settings["shard_size_mb"] * (1 << 20)))
-    return SplitPlan(name, split.kind, keep, labels, truth, nbytes, bounds, rejected)
+    return SplitPlan(name, split.kind, keep, labels, truth, nbytes, bounds, rejected, row_order)
 
 
 def _write_shards(runner: Runner, source, plans: dict, fingerprint: str, out: str) -> dict[str, list[dict]]:

@@ -128,10 +128,13 @@ def test_scaling_benchmark_world_2_equals_world_1_and_reports_throughput(tmp_pat
 
 def test_ingest_benchmark_generates_and_reads_a_jpeg_set(ray_local, tmp_path):
     out = tmp_path / "ingest_jpeg.json"
-    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "1", "--warmup", "1", "--stream",
-                 "--json", str(out)]) == 0
+    # block order, as the configs for large JPEG data stream it: the generated set is prepared in a shuffled row
+    # order, which `shuffle: blocks` needs (class folders list their files class by class)
+    assert main(["ingest", "--jpeg", "30", "--batch-size", "16", "--epochs", "1", "--warmup", "1", "--shuffle",
+                 "blocks", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["preset"] == "imagenet" and r["images_generated"] == 30 and r["source"] == "streamed"
+    assert r["preset"] == "imagenet" and r["images_generated"] == 30
+    assert r["source"] == "streamed" and r["shuffle"] == "blocks"
     assert r["single_process"]["images"] == r["ray_data"]["images"] == 30 and r["ray_data"]["corrupt"] == 0
     assert len(r["ray_data_by_cores"]) == 1
 

@@ -213,6 +213,17 @@ def test_a_small_split_is_held_and_each_epoch_of_a_split_stream_is_a_new_full_pe
     assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
 
 
+def test_each_decode_call_reaches_the_consumer_as_its_own_block(ray_local, shards, in_memory_mb):
+    # Ray Data gathers a task's output into blocks of the dataset's target size (128 MiB by default): a streamed
+    # decode task's views came as one block at the task's end (~1,000 224-px views), the consumer idle meanwhile.
+    # 96-px views, 16 rows per call: each call's ~150 KB must be a block of its own, and no row lost or repeated.
+    ds = build_dataset(shards[0], "train", preset="imagenet", preset_params={"size": 96}, batch_size=16,
+                       views=("weak",), in_memory_mb=in_memory_mb)
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))  # one per block
+    assert sorted(np.concatenate([b["id"] for b in blocks]).tolist()) == list(range(N))
+    assert max(len(b["id"]) for b in blocks) <= 16 and blocks[0]["weak"].shape[1:] == (1, 96, 96)
+
+
 def test_an_execution_runs_its_tasks_side_by_side_from_its_first_steps(ray_local, shards):
     # Ray Data read its resource limits as zero for each execution's first second (the coordinator's first answer,
     # kept 1 s) and ran one task at a time meanwhile: two 0.9 s tasks on two free CPUs ran one after the other.

@@ -355,6 +355,11 @@ def test_row_order_shuffled_numbers_train_rows_in_a_seeded_random_order(tmp_path
     assert entry["label_runs"]["same"] < 0.6 and entry["label_runs"]["chance"] == pytest.approx(1 / 3)
     assert m["splits"]["test"]["row_order"] == "source"  # evaluation order does not matter
     assert read_split(str(tmp_path / "b"), "train").equals(t)  # seeded: the same order again
+    # a re-run reuses the saved plan and its shards; the order is the plan's, so the manifest still says so
+    assert prepare("folder", "--root", src, "--out", tmp_path / "a", "--row-order", "shuffled") == 0
+    again = read_manifest(str(tmp_path / "a"))
+    assert again["kept_shards"] == len(entry["shards"]) + len(m["splits"]["test"]["shards"])
+    assert again["splits"]["train"]["row_order"] == "shuffled" and read_split(str(tmp_path / "a"), "train").equals(t)
     assert m["fingerprint"] != read_manifest(str(tmp_path / "source"))["fingerprint"]
     check_block_order(str(tmp_path / "a"), "train")  # from the manifest's label_runs
     with pytest.raises(ValueError, match=r"split 'train' holds its classes in runs \(91% .*--row-order shuffled"):

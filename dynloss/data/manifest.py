@@ -111,7 +111,7 @@ def build_manifest(source, plans: dict, receipts: dict[str, list[dict]], setting
             "true_counts": counts(p.true_labels, c) if known.any() else None,
             "noise_rate": stats and stats["rate"],
             "rejected": len(p.rejected),
-            "row_order": settings.get("row_order", "source") if name == "train" else "source",
+            "row_order": p.row_order,
             "label_runs": dict(zip(("same", "chance"), label_runs(p.labels, p.true_labels))),
             "shards": shards,
         }

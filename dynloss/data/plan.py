@@ -42,6 +42,7 @@ class SplitPlan:
     nbytes: np.ndarray  # encoded size per row (exact for files, estimated for arrays)
     bounds: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) ids of each shard
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+    row_order: str = "source"  # "shuffled": ids numbered over a seeded permutation (`dynloss.data.order`)
 
     @property
     def rows(self) -> int:
@@ -162,7 +163,8 @@ def save_plans(location: str, plans: dict[str, SplitPlan], fingerprint: str, set
         "fingerprint": fingerprint,
         "settings": settings,
         "splits": {
-            n: {"kind": p.kind, "rows": p.rows, "bounds": p.bounds, "rejected": [list(r) for r in p.rejected]}
+            n: {"kind": p.kind, "rows": p.rows, "bounds": p.bounds, "rejected": [list(r) for r in p.rejected],
+                "row_order": p.row_order}
             for n, p in plans.items()
         },
     }
@@ -182,5 +184,6 @@ def load_plans(location: str, doc: dict) -> dict[str, SplitPlan]:
         t = pq.read_table(_plan_table(root, name), filesystem=fs)
         col = {c: t.column(c).to_numpy().astype(np.int64) for c in t.column_names}
         plans[name] = SplitPlan(name, s["kind"], col["src"], col["label"], col["true_label"], col["nbytes"],
-                                [tuple(b) for b in s["bounds"]], [tuple(r) for r in s["rejected"]])
+                                [tuple(b) for b in s["bounds"]], [tuple(r) for r in s["rejected"]],
+                                s.get("row_order", "source"))
     return plans

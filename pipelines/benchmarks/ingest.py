@@ -86,7 +86,8 @@ def _timed_epoch(r: dict, make_epoch: Callable[[int], object], epoch: int, *, wa
 
 def generate_jpegs(out: str, n: int, size: int = 224, classes: int = 10, seed: int = 0) -> str:
     """``n`` photo-like size x size JPEGs (smooth colour fields + noise, quality 90, ~15-25 KB) in ``classes``
-    class folders, prepared as shards by ``dynloss prepare folder``; returns the prepared folder."""
+    class folders, prepared as shards by ``dynloss prepare folder --row-order shuffled`` (as the configs for large
+    JPEG data prepare, so ``--shuffle blocks`` can stream it: `dynloss.data.order`); returns the prepared folder."""
     import numpy as np
     from PIL import Image
 
@@ -103,7 +104,8 @@ def generate_jpegs(out: str, n: int, size: int = 224, classes: int = 10, seed: i
         pixels = np.clip(base + rng.normal(0, 12, base.shape) * c, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
     prepared = os.path.join(out, "jpeg")
-    if prepare.main(["folder", "--root", root, "--out", prepared, "--workers", "1", "--no-progress"]) != 0:
+    if prepare.main(["folder", "--root", root, "--out", prepared, "--row-order", "shuffled", "--workers", "1",
+                     "--no-progress"]) != 0:
         raise ValueError(f"could not prepare the generated JPEGs in {root}")
     return prepared
 

@@ -275,7 +275,9 @@ def ingest(parser: argparse.ArgumentParser) -> Runner:
                              "pipelines.data.decode_rows")
     parser.add_argument("--epochs", type=int, default=1,
                         help="timed epochs of each path (and of each --cores point), the two paths alternating")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs first (Ray worker start-up, imports)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed epochs first: Ray worker start-up and imports, then two more epochs that still "
+                             "run slower than the ones after (docs/performance.md section 2)")
     parser.add_argument("--views", nargs="+", choices=["weak", "strong"], default=["weak"],
                         help="train views to make (a config's train stream makes data.train_view only: weak)")
     parser.add_argument("--eval", action="store_true", help="the eval view instead of train views")

@@ -1,8 +1,8 @@
 """dynloss.graph_jvp: the logits' JVP read off the first forward's autograd graph (the full scope's meta-gradient).
 
 Against torch's forward mode on every registered model in train mode (float64 where the model is small, float32
-for vgg19_bn and Inception-ResNet-v2), with channels_last and bfloat16 autocast on the CPU (what a GPU run turns
-on), the fallback for graphs with a node it has no rule for (or a rule that refuses during the walk), and the
+for vgg19_bn and Inception-ResNet-v2), with channels_last and bfloat16 autocast (what a GPU run turns on) on the
+CPU and, where there is one, on a GPU, the fallback for graphs with a node it has no rule for (or a rule that refuses during the walk), and the
 guard that checks the first graph of a kind holding an unverified rule against the forward mode. The meta-gradient it gives is checked against
 the authors' double backward in tests/test_meta.py.
 
@@ -32,7 +32,7 @@ def _jvp_both_ways(model: nn.Module, x: torch.Tensor, seed: int = 0):
     before each pass so dropout draws the same masks in both."""
     names, params = meta._trainable(model)
     g = torch.Generator().manual_seed(seed)
-    tangents = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    tangents = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params]
     torch.manual_seed(1)
     z = model(x)
     torch.autograd.grad(z.sum(), params, retain_graph=True)  # as in the meta step: a backward has run first
@@ -123,19 +123,26 @@ def test_a_graph_that_disagrees_with_the_forward_mode_is_not_used_again(monkeypa
         assert torch.allclose(u, right, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("name", ["resnet32", "small_cnn"])
-def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name, amp):
-    """What `dynloss train` turns on with a GPU (channels_last, bfloat16 autocast), here on the CPU: the casts
-    (ToCopyBackward0), the channels_last pool's re-striding (AsStridedBackward1) and bfloat16 saved activations.
-    Under autocast both ways compute in bfloat16 and differ by its rounding (~2% on ResNet-32 here, against
-    O(1) for a wrong rule); without it they agree to float32 rounding."""
+def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name, amp, device, monkeypatch):
+    """What `dynloss train` turns on with a GPU (channels_last, bfloat16 autocast), on the CPU and on a GPU: the
+    casts (ToCopyBackward0), the channels_last pool's re-striding (AsStridedBackward1 on the CPU) and bfloat16 saved
+    activations; on a GPU batch norm may be cudnn's node (CudnnBatchNormBackward0, its own saved tensors: the
+    rule's first GPU check), compared in float32 with TF32 off. Under autocast both ways compute in bfloat16 and differ by its rounding (~2% on
+    ResNet-32 on the CPU, against O(1) for a wrong rule); without it they agree to float32 rounding."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     in_chans, size, _ = CASES[name]
     torch.manual_seed(0)
-    model = build_model(name, num_classes=5, in_chans=in_chans).train().to(memory_format=torch.channels_last)
-    x = torch.randn(16, in_chans, size, size).to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    model = build_model(name, num_classes=5, in_chans=in_chans).train().to(device, memory_format=torch.channels_last)
+    x = torch.randn(16, in_chans, size, size, device=device).to(memory_format=torch.channels_last)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         u, ref = _jvp_both_ways(model, x)
-        assert ("ToCopyBackward0" in node_types(model(x))) == amp
+        types = node_types(model(x))
+    assert ("ToCopyBackward0" in types) == amp
     err = float((u.float() - ref.float()).norm() / ref.float().norm())
     assert err < (0.1 if amp else 1e-4), err

@@ -254,7 +254,7 @@ def _streamed(files: list[str], ids: dict, order: RandomSeedConfig, shuffle: str
         return ds
     ds = ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
                         zero_copy_batch=True, **tasks)
-    return _call_blocks(ds, rows * _row_bytes(decode["preset"], decode["train"], decode["views"]))
+    return _call_blocks(ds, rows, decode)
 
 
 def augment_seed(seed: int | None, shuffle: str) -> int | None:
@@ -289,8 +289,7 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
         _decode_slices, fn_kwargs={"held": [ray.put(table)], "tasks": n, "order": order, "rows": rows, "decode": decode,
                                    **ids},
         batch_size=None, num_cpus=num_cpus, concurrency=concurrency)
-    _call_blocks(ds, rows * (_row_bytes(decode["preset"], decode["train"], decode["views"]) if decode
-                             else max(1, table.nbytes // max(1, len(table)))))
+    _call_blocks(ds, rows, decode, encoded_row_bytes=max(1, table.nbytes // max(1, len(table))))
     # Ray Data's resource allocator stays on (op_resource_reservation_enabled, a kill-switch Ray means to remove):
     # turned off, the last decode task of each `dynloss train` epoch sat paused by backpressure for most of the epoch
     # while the training slowed 1.5x (docs/performance.md section 2, session 22). What had kept a held split's tasks
@@ -298,15 +297,17 @@ def _held_split(root: str, split: str, ids: dict, order: RandomSeedConfig | None
     return ds
 
 
-def _call_blocks(ds: ray.data.Dataset, call_bytes: int) -> ray.data.Dataset:
-    """``ds`` with each decode call's output its own block. Ray Data gathers a task's output into blocks of the
-    dataset's ``target_max_block_size`` (flushed above it, cut at 1.5x; 128 MiB by default), so a streamed decode
+def _call_blocks(ds: ray.data.Dataset, rows: int, decode: dict | None, encoded_row_bytes: int = 1) -> ray.data.Dataset:
+    """``ds`` with each decode call's output (``rows`` rows: their views, or ``encoded_row_bytes`` each when
+    ``decode`` is None) its own block. Ray Data gathers a task's output into blocks of the dataset's
+    ``target_max_block_size`` (flushed above it, cut at 1.5x; 128 MiB by default), so a streamed decode
     task's ~1,000 224-px views (150 MB) reached the consumer as one block when the task ended, and the consumer's
     work on the first and last of them ran beside no decode. A target of 0.75 of a call's bytes makes each call a
     block (docs/performance.md section 2, session 25: 224-px JPEGs streamed on 1 CPU 0.88-0.91 per core against
     0.69-0.82). The target is the dataset's (Ray Data has none per operator); the read and shuffle blocks of a
     streamed split kept their sizes (4,000 224-px JPEGs in 64 MB shards: 3 shuffled blocks of 46 MB, as before)."""
-    ds.context.target_max_block_size = max(64 << 10, int(0.75 * call_bytes))
+    row_bytes = _row_bytes(decode["preset"], decode["train"], decode["views"]) if decode else encoded_row_bytes
+    ds.context.target_max_block_size = max(64 << 10, int(0.75 * rows * row_bytes))
     return ds
 
 

@@ -2,8 +2,8 @@
 
 Against torch's forward mode on every registered model in train mode (float64 where the model is small, float32
 for vgg19_bn and Inception-ResNet-v2), with channels_last and bfloat16 autocast (what a GPU run turns on) on the
-CPU and, where there is one, on a GPU, the fallback for graphs with a node it has no rule for (or a rule that refuses during the walk), and the
-guard that checks the first graph of a kind holding an unverified rule against the forward mode. The meta-gradient it gives is checked against
+CPU and, where there is one, on a GPU, the fallback for graphs with a node it has no rule for (or a rule that
+refuses during the walk), and the guard that checks the first graph of a kind holding an unverified rule against the forward mode. The meta-gradient it gives is checked against
 the authors' double backward in tests/test_meta.py.
 
     .venv/bin/python -m pytest tests/test_graph_jvp.py -q
@@ -131,8 +131,9 @@ def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name,
     """What `dynloss train` turns on with a GPU (channels_last, bfloat16 autocast), on the CPU and on a GPU: the
     casts (ToCopyBackward0), the channels_last pool's re-striding (AsStridedBackward1 on the CPU) and bfloat16 saved
     activations; on a GPU batch norm may be cudnn's node (CudnnBatchNormBackward0, its own saved tensors: the
-    rule's first GPU check), compared in float32 with TF32 off. Under autocast both ways compute in bfloat16 and differ by its rounding (~2% on
-    ResNet-32 on the CPU, against O(1) for a wrong rule); without it they agree to float32 rounding."""
+    rule's first GPU check), compared in float32 with TF32 off. Under autocast both ways compute in bfloat16 and
+    differ by its rounding (~2% on ResNet-32 on the CPU, against O(1) for a wrong rule); without it they agree to
+    float32 rounding."""
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -104,13 +104,12 @@ def _conv(node, t):
     return out
 
 
-@_rule("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
-def _batch_norm(node, t):
+def _batch_norm(node, t, eps: float):
     """Train mode: y = w * xhat + b, xhat = (x - mean) * invstd with the batch's statistics. The Jacobian in x,
     w * invstd * (I - 11^T / N - xhat xhat^T / N) per channel, is symmetric, so its product with t_x is the
     backward kernel's grad_input for grad_output = t_x (one fused pass); t_w * xhat + t_b is added to it."""
     tx, tw, tb = (list(t) + [None, None])[:3]
-    if not getattr(node, "_saved_training", True):  # cudnn's node exists in train mode only and keeps no flag
+    if not node._saved_training:
         raise Unsupported("batch norm in eval mode")  # the meta step runs the classifier in train mode
     x, mean, invstd = node._saved_input, node._saved_result1, node._saved_result2
     shape = [1, -1] + [1] * (x.dim() - 2)
@@ -118,13 +117,26 @@ def _batch_norm(node, t):
     if tx is not None:
         out = torch.ops.aten.native_batch_norm_backward(
             tx.contiguous(memory_format=_memory_format(x)), x, node._saved_weight, None, None, mean, invstd, True,
-            node._saved_eps, [True, False, False])[0]
+            eps, [True, False, False])[0]
     if tw is None and tb is None:
         return out
     k = torch.zeros_like(invstd) if tw is None else tw * invstd   # t_w * xhat + t_b = k * x + c
     c = -k * mean if tb is None else tb - k * mean
     k, c = k.to(x.dtype).view(shape), c.to(x.dtype).view(shape)
     return torch.addcmul(c, x, k) if out is None else out.addcmul_(x, k).add_(c)
+
+
+@_rule("NativeBatchNormBackward0")
+def _native_batch_norm(node, t):
+    return _batch_norm(node, t, node._saved_eps)
+
+
+@_rule("CudnnBatchNormBackward0")
+def _cudnn_batch_norm(node, t):
+    """cudnn's batch norm (a GPU's, in train and eval mode) saves what the native one does - result1 the batch
+    mean, result2 its inverse standard deviation: derivatives.yaml gives both nodes the same forward-mode formula
+    of them - but names eps ``epsilon``."""
+    return _batch_norm(node, t, node._saved_epsilon)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -199,6 +211,16 @@ def _mul(node, t):
     a, b = t
     out = None if a is None else a * node._saved_other
     return out if b is None else _add(out, node._saved_self * b)
+
+
+@_rule("NativeDropoutBackward0")
+def _native_dropout(node, t):
+    """Dropout in train mode on a GPU (``F.dropout`` calls this fused op there, and only in train mode; on the CPU
+    it is a ``MulBackward0``): the tangent times the forward's mask, scaled by 1 / (1 - p)."""
+    if t[0] is None:
+        return None
+    p = node._saved_p
+    return t[0] * node._saved_result1 * (0.0 if p == 1 else 1.0 / (1.0 - p))
 
 
 @_rule("CatBackward0")

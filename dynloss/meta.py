@@ -214,10 +214,9 @@ def _logit_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor],
     forward mode (which draws new dropout masks; the graph reuses the forward's).
 
     A graph with a node whose rule the test suite cannot run on a CPU (``graph_jvp.UNVERIFIED``: cudnn's batch
-    norm) is checked once per kind (node types, device, dtype) and process against the forward mode; if the two
-    differ beyond rounding (``_AGREE``) that kind uses the forward mode from then on, with a warning (a model with
-    dropout always differs there, and so keeps the forward mode on such a device). The check's comparison is
-    the step's one host sync, once per kind."""
+    norm) is checked once per kind (node types, device, dtype) and process against the forward mode
+    (``_graph_jvp_error``); if the two differ beyond rounding (``_AGREE``) that kind uses the forward mode from then
+    on, with a warning. The check's comparison is the step's one host sync, once per kind."""
     try:
         types = graph_jvp.node_types(logits)
         key = (types, logits.device.type, logits.dtype)
@@ -230,14 +229,29 @@ def _logit_jvp(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor],
         return forward_mode_jvp(inner, names, params, tangents, x)
     if key in _GRAPH_JVP_CHECKED or not graph_jvp.UNVERIFIED.intersection(types):
         return u
-    ref = forward_mode_jvp(inner, names, params, tangents, x)
-    err = float((u.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
+    err, ref = _graph_jvp_error(inner, names, params, tangents, x)
     _GRAPH_JVP_CHECKED[key] = err < _AGREE.get(logits.dtype, 5e-2)
     if _GRAPH_JVP_CHECKED[key]:
         return u
     warnings.warn(f"dynloss.graph_jvp differs from torch's forward mode by {err:.3g} (relative) on this "
                   f"model/device; the meta step uses the forward mode for it", RuntimeWarning, stacklevel=2)
     return ref
+
+
+def _graph_jvp_error(inner: nn.Module, names: Sequence[str], params: Sequence[Tensor], tangents: Sequence[Tensor],
+                     x: Tensor) -> tuple[float, Tensor]:
+    """(relative difference of ``graph_jvp`` from the forward mode, the forward mode's u) on a new forward of ``x``
+    (batch norm on cloned buffers), both passes starting from the same RNG state so that dropout draws the same
+    masks in each; the RNG is left as it was."""
+    cuda = x.device.type == "cuda"
+    with torch.random.fork_rng(devices=[x.device] if cuda else []):
+        state = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None
+        u = graph_jvp.graph_jvp(functional_call(inner, _cloned_buffers(inner), (x,)), dict(zip(params, tangents)))
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1], x.device)
+        ref = forward_mode_jvp(inner, names, params, tangents, x)
+    return float((u.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)), ref
 
 
 FD_STEP = 1e-4  # the central difference's step, as a fraction of the virtual step's move lr_eff * g'

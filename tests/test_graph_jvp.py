@@ -3,18 +3,27 @@
 Against torch's forward mode on every registered model in train mode (float64 where the model is small, float32
 for vgg19_bn and Inception-ResNet-v2), with channels_last and bfloat16 autocast (what a GPU run turns on) on the
 CPU and, where there is one, on a GPU, the fallback for graphs with a node it has no rule for (or a rule that
-refuses during the walk), and the guard that checks the first graph of a kind holding an unverified rule against the forward mode. The meta-gradient it gives is checked against
-the authors' double backward in tests/test_meta.py.
+refuses during the walk), and the guard that checks the first graph of a kind holding an unverified rule against the
+forward mode. The GPU's own nodes: every rule's saved attributes against torch's declaration of its node types
+(``torch._C._functions``), cudnn's batch norm rule run through that node's attribute names, the fused dropout
+(``torch.native_dropout``, F.dropout on a GPU). The meta-gradient it gives is checked against the authors' double
+backward in tests/test_meta.py.
 
     .venv/bin/python -m pytest tests/test_graph_jvp.py -q
 """
+import inspect
+import re
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from test_models import CASES
 from torch import nn
 
-import dynloss.meta as meta
-from dynloss.graph_jvp import RULES, Unsupported, graph_jvp, node_types
+import dynloss.graph_jvp as graph_jvp_module
+from dynloss import meta
+from dynloss.graph_jvp import RULES, UNVERIFIED, Unsupported, graph_jvp, node_types
 from dynloss.models import build_model
 from dynloss.models.classifier import Classifier
 
@@ -63,6 +72,114 @@ def test_an_mlp_with_tanh_sigmoid_and_batch_norm_1d():
     u, ref = _jvp_both_ways(model, torch.randn(16, 4, dtype=torch.float64))
     assert ref.abs().max() > 1e-3
     assert torch.allclose(u, ref, rtol=1e-10, atol=1e-12)
+
+
+def _saved_reads(fn) -> set[str]:
+    """The ``_saved_*`` attributes a rule's source reads, and those of the module's functions it calls."""
+    src = inspect.getsource(fn)
+    reads = set(re.findall(r"\b_saved_\w+", src))
+    for name in set(re.findall(r"\b(_\w+)\(", src)):
+        helper = getattr(graph_jvp_module, name, None)
+        if inspect.isfunction(helper) and helper is not fn:
+            reads |= set(re.findall(r"\b_saved_\w+", inspect.getsource(helper)))
+    return reads
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_rule_reads_only_what_its_node_type_saves(name):
+    """Each rule's node type is one torch has (``torch._C._functions``, where every autograd node type is
+    declared with its saved attributes), and every ``_saved_*`` its rule reads is one of that type's: the only check
+    a rule for a node the CPU cannot produce gets here (cudnn's batch norm names eps ``_saved_epsilon``, the native
+    one ``_saved_eps``; reading the latter off the former failed the first meta step on a GPU)."""
+    node_type = getattr(torch._C._functions, name, None)
+    assert node_type is not None, f"torch has no autograd node {name}"
+    reads = _saved_reads(RULES[name])
+    missing = sorted(a for a in reads if not hasattr(node_type, a))
+    assert not missing, f"{name} saves no {missing}"
+    assert name != "NativeBatchNormBackward0" or {"_saved_eps", "_saved_result2"} <= reads  # the scan sees helpers
+
+
+class _ThroughCudnnAttributes:
+    """A CPU batch norm node read through the attributes cudnn's node type declares: the same saved tensors
+    (derivatives.yaml gives both one forward-mode formula of result1, result2), eps as ``_saved_epsilon``; any
+    attribute cudnn's node does not have raises, as it would on a GPU."""
+
+    declared = frozenset(dir(torch._C._functions.CudnnBatchNormBackward0))
+
+    def __init__(self, node):
+        self._node = node
+
+    def __getattr__(self, attr):
+        if attr not in self.declared:
+            raise AttributeError(f"CudnnBatchNormBackward0 has no {attr}")
+        return getattr(self._node, "_saved_eps" if attr == "_saved_epsilon" else attr)
+
+
+def test_the_cudnn_batch_norm_rule_through_that_nodes_attributes():
+    """The rule a GPU's batch norm takes (``UNVERIFIED``: the first graph of a kind holding it is also checked
+    against the forward mode there), run on a CPU node seen through cudnn's attribute names: the forward mode's
+    tangent for every combination of input / weight / bias tangents, and refused in eval mode."""
+    assert "CudnnBatchNormBackward0" in UNVERIFIED
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    x, w, b = torch.randn(6, 3, 4, 4, **f64), torch.rand(3, **f64) + 0.5, torch.randn(3, **f64)
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    stats = torch.zeros(3, **f64), torch.ones(3, **f64)
+
+    def bn(*args, training=True):
+        return F.batch_norm(args[0], stats[0].clone(), stats[1].clone(), args[1], args[2], training=training, eps=1e-3)
+
+    node = bn(x.requires_grad_(), w.requires_grad_(), b.requires_grad_()).grad_fn
+    rule = RULES["CudnnBatchNormBackward0"]
+    for keep in ((1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)):
+        t = [ti if k else None for ti, k in zip((tx, tw, tb), keep)]
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p.detach(), ti if k else torch.zeros_like(ti))
+                     for p, ti, k in zip((x, w, b), (tx, tw, tb), keep)]
+            ref = fwAD.unpack_dual(bn(*duals)).tangent
+        got = rule(_ThroughCudnnAttributes(node), t)
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12), keep
+    with pytest.raises(Unsupported, match="eval mode"):
+        rule(_ThroughCudnnAttributes(bn(x, w, b, training=False).grad_fn), [tx, tw, tb])
+
+
+class _GpuDropout(nn.Module):
+    """Dropout as ``F.dropout`` runs it on a GPU in train mode (the fused ``native_dropout``, NativeDropoutBackward0);
+    on the CPU it is a multiplication by the mask."""
+
+    def forward(self, x):
+        return torch.native_dropout(x, 0.4, True)[0]
+
+
+def test_gpu_dropout_keeps_the_forward_mask_and_the_unverified_check_compares_like_with_like(monkeypatch):
+    """The fused dropout's rule: the forward's mask over 1 - p (against the forward mode drawing the same masks).
+    And the first-use check of a graph with an unverified rule (batch norm stands in for cudnn's) compares the two
+    ways on the same masks: it accepts the right rules although the step's forward drew other masks, leaves the
+    RNG where it was, and still refuses a wrong rule."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), _GpuDropout(), nn.Linear(8, 6)),
+                       6, 3).double().train()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    assert "NativeDropoutBackward0" in node_types(model(x))
+    u, ref = _jvp_both_ways(model, x)
+    assert ref.abs().max() > 1e-3
+    assert torch.allclose(u, ref, rtol=1e-10, atol=1e-12)
+
+    names, params = meta._trainable(model)
+    tangents = [torch.randn_like(p) for p in params]
+    monkeypatch.setattr(meta, "_GRAPH_JVP_CHECKED", {})
+    monkeypatch.setattr(meta.graph_jvp, "UNVERIFIED", frozenset({"NativeBatchNormBackward0"}))
+    z = model(x)
+    rng = torch.get_rng_state()
+    u = meta._logit_jvp(model, names, params, tangents, x, z)
+    assert list(meta._GRAPH_JVP_CHECKED.values()) == [True]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.allclose(u, graph_jvp(z, dict(zip(params, tangents))), rtol=1e-12, atol=0)  # the step's masks
+    monkeypatch.setattr(meta, "_GRAPH_JVP_CHECKED", {})
+    monkeypatch.setitem(RULES, "NativeDropoutBackward0", lambda node, t: t[0])
+    with pytest.warns(RuntimeWarning, match="forward mode"):
+        meta._logit_jvp(model, names, params, tangents, x, model(x))
+    assert list(meta._GRAPH_JVP_CHECKED.values()) == [False]
 
 
 def test_a_node_without_a_rule_is_named_and_the_meta_step_uses_the_forward_mode():

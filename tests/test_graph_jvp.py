@@ -13,6 +13,7 @@ backward in tests/test_meta.py.
 """
 import inspect
 import re
+import warnings
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off (float32 comparisons on a GPU), restored after. Plain assignments: ``torch.backends.cuda.matmul``
+    is an object whose settings pytest's monkeypatch cannot undo (it deletes the attribute: AttributeError)."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _jvp_both_ways(model: nn.Module, x: torch.Tensor, seed: int = 0):
@@ -244,16 +255,13 @@ def test_a_graph_that_disagrees_with_the_forward_mode_is_not_used_again(monkeypa
     not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("name", ["resnet32", "small_cnn"])
-def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name, amp, device, monkeypatch):
+def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name, amp, device, no_tf32):
     """What `dynloss train` turns on with a GPU (channels_last, bfloat16 autocast), on the CPU and on a GPU: the
     casts (ToCopyBackward0), the channels_last pool's re-striding (AsStridedBackward1 on the CPU) and bfloat16 saved
     activations; on a GPU batch norm may be cudnn's node (CudnnBatchNormBackward0, its own saved tensors: the
     rule's first GPU check), compared in float32 with TF32 off. Under autocast both ways compute in bfloat16 and
     differ by its rounding (~2% on ResNet-32 on the CPU, against O(1) for a wrong rule); without it they agree to
     float32 rounding."""
-    if device == "cuda":
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     in_chans, size, _ = CASES[name]
     torch.manual_seed(0)
     model = build_model(name, num_classes=5, in_chans=in_chans).train().to(device, memory_format=torch.channels_last)
@@ -264,3 +272,32 @@ def test_channels_last_and_bfloat16_autocast_graphs_match_the_forward_mode(name,
     assert ("ToCopyBackward0" in types) == amp
     err = float((u.float() - ref.float()).norm() / ref.float().norm())
     assert err < (0.1 if amp else 1e-4), err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_on_a_gpu_the_meta_steps_jvp_trusts_a_right_graph_and_leaves_the_rng_alone(amp, monkeypatch, no_tf32):
+    """ResNet-32 on the GPU as `dynloss train` runs it (channels_last; bfloat16 autocast, or float32 with TF32 off):
+    ``meta._logit_jvp`` returns the graph's u without a fallback warning - where the graph holds cudnn's batch norm
+    (an unverified rule) after checking it once against the forward mode - and leaves the CPU and CUDA generators
+    as they were."""
+    monkeypatch.setattr(meta, "_GRAPH_JVP_CHECKED", {})
+    torch.manual_seed(0)
+    model = build_model("resnet32", num_classes=5, in_chans=3).train().cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    names, params = meta._trainable(model)
+    tangents = [1e-2 * torch.randn_like(p) for p in params]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        z = model(x)
+        types = node_types(z)
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            u = meta._logit_jvp(model, names, params, tangents, x, z)
+        assert not [str(w.message) for w in seen if "forward mode" in str(w.message)]  # what a fallback warns
+        assert torch.equal(torch.get_rng_state(), rng[0]) and torch.equal(torch.cuda.get_rng_state(), rng[1])
+        ref = meta.forward_mode_jvp(model, names, params, tangents, x)
+    checked = bool(UNVERIFIED.intersection(types))
+    assert list(meta._GRAPH_JVP_CHECKED.values()) == ([True] if checked else []), types
+    err = float((u.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (0.05 if amp else 1e-4), (err, types)

@@ -193,6 +193,26 @@ def test_gpu_dropout_keeps_the_forward_mask_and_the_unverified_check_compares_li
     assert list(meta._GRAPH_JVP_CHECKED.values()) == [False]
 
 
+def test_the_unverified_rule_check_runs_without_autocast(monkeypatch):
+    """Under bfloat16 autocast (a GPU run) the first-use check computes both ways in the parameters' float32, where a
+    right rule agrees to rounding, not in bfloat16 (~2% apart on ResNet-32 already); the step keeps the bfloat16
+    graph's u. The spy records the dtype of every output ``graph_jvp`` walks."""
+    monkeypatch.setattr(meta, "_GRAPH_JVP_CHECKED", {})
+    monkeypatch.setattr(meta.graph_jvp, "UNVERIFIED", frozenset({"NativeBatchNormBackward0"}))
+    walked, walk = [], meta.graph_jvp.graph_jvp
+    monkeypatch.setattr(meta.graph_jvp, "graph_jvp", lambda out, t: walked.append(out.dtype) or walk(out, t))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, in_chans=1).train()
+    x = torch.randn(8, 1, 12, 12)
+    names, params = meta._trainable(model)
+    tangents = [torch.randn_like(p) for p in params]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(x)
+        u = meta._logit_jvp(model, names, params, tangents, x, z)
+    assert walked == [torch.bfloat16, torch.float32]  # the step's graph, then the check's
+    assert list(meta._GRAPH_JVP_CHECKED.values()) == [True] and u.dtype == torch.bfloat16
+
+
 def test_a_node_without_a_rule_is_named_and_the_meta_step_uses_the_forward_mode():
     torch.manual_seed(0)
     model = Classifier(nn.Sequential(nn.Linear(4, 6), nn.GELU()), 6, 3).double()

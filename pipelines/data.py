@@ -45,6 +45,7 @@ init_ray(num_cpus=2); print(build_dataset('data/digits', 'test', preset='digits'
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -252,7 +253,7 @@ def _streamed(files: list[str], ids: dict, order: RandomSeedConfig, shuffle: str
         ds = ds.randomize_block_order(seed=order)
     if decode is None:
         return ds
-    ds = ds.map_batches(views_from_rows, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
+    ds = ds.map_batches(_decode_call, fn_kwargs=decode, batch_format="pyarrow", batch_size=rows,
                         zero_copy_batch=True, **tasks)
     return _call_blocks(ds, rows, decode)
 
@@ -326,7 +327,21 @@ def _decode_slices(batch: dict[str, np.ndarray], held: list, tasks: int, order: 
     per_task = -(-len(table) // tasks)
     for i in batch["id"]:
         for chunk in rows_in_order(table, perm[int(i) * per_task:(int(i) + 1) * per_task], rows):
-            yield chunk if decode is None else views_from_rows(chunk, **decode)
+            yield chunk if decode is None else _decode_call(chunk, **decode)
+
+
+_DECODE_CALLS = 0  # decode calls made in this process (a Ray Data worker's)
+
+
+def _decode_call(rows: pa.Table, **decode) -> dict[str, np.ndarray]:
+    """``views_from_rows`` in a decode task, with the process's long-lived objects moved out of the garbage
+    collector's way on its 4th, 8th, 16th, ... call: a full collection, then ``gc.freeze()``."""
+    global _DECODE_CALLS
+    _DECODE_CALLS += 1
+    if _DECODE_CALLS >= 4 and not _DECODE_CALLS & (_DECODE_CALLS - 1):
+        gc.collect()
+        gc.freeze()
+    return views_from_rows(rows, **decode)
 
 
 # -------------------------------------------------------------------------------------------- consuming

@@ -45,7 +45,6 @@ init_ray(num_cpus=2); print(build_dataset('data/digits', 'test', preset='digits'
 
 from __future__ import annotations
 
-import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -74,6 +73,7 @@ from dynloss.data.batches import (
 from dynloss.data.manifest import read_manifest
 from dynloss.data.order import check_block_order
 from dynloss.data.transforms import TRAIN_VIEWS, Preset
+from pipelines import gc_tuning
 from pipelines.data_limits import first_limits
 
 __all__ = [
@@ -334,13 +334,13 @@ _DECODE_CALLS = 0  # decode calls made in this process (a Ray Data worker's)
 
 
 def _decode_call(rows: pa.Table, **decode) -> dict[str, np.ndarray]:
-    """``views_from_rows`` in a decode task, with the process's long-lived objects moved out of the garbage
-    collector's way on its 4th, 8th, 16th, ... call: a full collection, then ``gc.freeze()``."""
+    """``views_from_rows`` in a decode task; on the process's 4th, 8th, 16th, ... call its long-lived objects are
+    moved out of the garbage collector's way first (``pipelines.gc_tuning.settle``: its imports come with the first
+    calls)."""
     global _DECODE_CALLS
     _DECODE_CALLS += 1
     if _DECODE_CALLS >= 4 and not _DECODE_CALLS & (_DECODE_CALLS - 1):
-        gc.collect()
-        gc.freeze()
+        gc_tuning.settle()
     return views_from_rows(rows, **decode)
 
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from dynloss.config import Config, ConfigError, check_dataset, load_config, manifest_exists, resolve_paths
 from dynloss.data import storage
 from dynloss.report import compare_table, final_line
+from pipelines import gc_tuning
 
 FAIL_ENV = "DYNLOSS_FAIL_AT_EPOCH"
 DRILLS = ("raise", "kill")
@@ -339,6 +340,8 @@ def train_loop(loop_config: dict) -> None:
                 plots = worker.plot_inputs()
                 if plots is not None and ("eval/top1" in metrics or last):
                     logger.plots(*plots, epoch=epoch)
+        if epoch == worker.start_epoch:  # imports done, components built: see pipelines.gc_tuning
+            gc_tuning.settle()
 
 
 def _say(line: str) -> None:

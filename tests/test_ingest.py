@@ -21,6 +21,7 @@ from ingest_shards import digits, encode, write_digits, write_manifest, write_sp
 ray = pytest.importorskip("ray")
 
 from dynloss.data.transforms import build_preset
+from pipelines import gc_tuning
 from pipelines.data import IN_MEMORY_MB, SharedIds, build_dataset, iter_train_batches
 from pipelines.data_limits import FirstLimits, first_limits
 
@@ -229,10 +230,12 @@ def test_each_decode_call_reaches_the_consumer_as_its_own_block(ray_local, shard
 
 FREEZE_PROBE = """
 import gc, json, sys
+thresholds = [gc.get_threshold()]
 import numpy as np
 from dynloss.data.batches import read_rows, views_from_rows
 from dynloss.data.transforms import build_preset
 from pipelines.data import _decode_call
+thresholds.append(gc.get_threshold())
 
 rows = read_rows(sys.argv[1], "train").slice(0, 16)
 decode = {"preset": build_preset("digits"), "train": True, "seed": 3, "views": ("weak",)}
@@ -244,15 +247,18 @@ same = all(np.array_equal(out[k], v) for k, v in views_from_rows(rows, **decode)
 loop = {}
 loop["self"] = loop  # cyclic garbage made after the freezes
 del loop
-print(json.dumps({"frozen": frozen, "same": same, "collected": gc.collect()}))
+thresholds.append(gc.get_threshold())
+print(json.dumps({"frozen": frozen, "same": same, "collected": gc.collect(), "thresholds": thresholds}))
 """
 
 
 def test_a_decode_process_freezes_its_long_lived_objects_and_still_collects_new_garbage(shards):
     """A decode task's worker holds ~440k objects once torch and Ray are imported; at full decode rate Python's full
-    collection walked them every ~6 s, 0.2-0.25 s each (a stall of the stream). ``_decode_call`` collects and then
-    freezes them on the process's 4th, 8th, ... call: a fresh process (this test's own must stay as it is) freezes
-    nothing before its 4th call, more on its 8th, decodes the same views, and still collects garbage made after."""
+    collection walked them every ~6 s, 0.2-0.25 s each (a stall of the stream). ``pipelines.gc_tuning``: importing
+    the package raises the young generation's threshold for start-up, and ``_decode_call`` collects, freezes and puts
+    the default thresholds back on the process's 4th, 8th, ... call. A fresh process (this test's own must stay as it
+    is) freezes nothing before its 4th call, more on its 8th, decodes the same views, and still collects garbage
+    made after."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", FREEZE_PROBE, shards[0]], capture_output=True, text=True, env=env,
                           timeout=300, check=True)
@@ -260,6 +266,8 @@ def test_a_decode_process_freezes_its_long_lived_objects_and_still_collects_new_
     assert got["frozen"][:3] == [0, 0, 0] and got["frozen"][3] > 10_000, got["frozen"]  # torch alone: >100k
     assert got["frozen"][4:7] == [got["frozen"][3]] * 3 and got["frozen"][7] >= got["frozen"][3]
     assert got["same"] and got["collected"] >= 1
+    if got["thresholds"][0] == list(gc_tuning.DEFAULT):  # CPython's default (3.11): raised for start-up, then back
+        assert got["thresholds"][1:] == [list(gc_tuning.STARTUP), list(gc_tuning.DEFAULT)]
 
 
 def test_an_execution_runs_its_tasks_side_by_side_from_its_first_steps(ray_local, shards):

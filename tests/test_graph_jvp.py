@@ -101,7 +101,7 @@ def test_every_rule_reads_only_what_its_node_type_saves(name):
     """Each rule's node type is one torch has (``torch._C._functions``, where every autograd node type is
     declared with its saved attributes), and every ``_saved_*`` its rule reads is one of that type's: the only check
     a rule for a node the CPU cannot produce gets here (cudnn's batch norm names eps ``_saved_epsilon``, the native
-    one ``_saved_eps``; reading the latter off the former failed the first meta step on a GPU)."""
+    one ``_saved_eps``; reading the latter off the former would have failed the first meta step on a GPU)."""
     node_type = getattr(torch._C._functions, name, None)
     assert node_type is not None, f"torch has no autograd node {name}"
     reads = _saved_reads(RULES[name])

@@ -2,9 +2,9 @@
 
 Model, optimizer, lr schedule, criterion (a robust-loss baseline) or Dynamic Loss with its meta optimizer,
 the weight average evaluation uses (``train.ema_decay``), the engine's ``MetaSettings``, the augmentation
-preset and the device settings (bfloat16 autocast, channels_last): every driver (the Ray Train worker, the
-Ray-free runner ``dynloss.local``) gets them from ``build_components`` and nowhere else, so a setting cannot mean
-one thing in one driver and another in the other.
+preset and the device settings (bfloat16 autocast, channels_last; on a CPU, glibc's heap kept between steps:
+``dynloss.host_memory``): every driver (the Ray Train worker, the Ray-free runner ``dynloss.local``) gets them from
+``build_components`` and nowhere else, so a setting cannot mean one thing in one driver and another in the other.
 
     python -c "from dynloss.config import load_config; from dynloss.builder import build_components; \
 from dynloss.data import read_manifest; c = load_config('pipelines/configs/digits.yaml'); \
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dynloss import host_memory
 from dynloss.config import Config
 from dynloss.data.batches import resolve_preset
 from dynloss.data.decode import mode_from_manifest
@@ -151,6 +152,8 @@ def build_components(cfg: Config, manifest: Mapping, device: torch.device | str,
         raise ValueError("train.amp: on needs a GPU with bfloat16 (the meta step has no fp16 loss scaling); "
                          "use auto or off")
     channels_last = cuda and cfg.train.channels_last != "off"
+    if device.type == "cpu":
+        host_memory.keep_freed_heap()  # CPU tensors reuse the heap instead of faulting fresh pages in each step
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, num_classes, in_chans=preset.channels, pretrained=cfg.model.pretrained).to(device)

@@ -20,6 +20,7 @@ on a CPU) are still mapped per allocation. Other C libraries (musl, macOS): noth
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 
 M_TRIM_THRESHOLD = -1  # glibc malloc.h
@@ -27,17 +28,12 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: mallopt refuses more
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int
 
-_applied: bool | None = None
 
-
+@functools.cache
 def keep_freed_heap() -> bool:
     """Set glibc's mmap and trim thresholds as the module docstring says (once per process); True if they are set."""
-    global _applied
-    if _applied is None:
-        _applied = False
-        if platform.libc_ver()[0] == "glibc" and ctypes.sizeof(ctypes.c_void_p) == 8:
-            mallopt = ctypes.CDLL(None).mallopt
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                        TRIM_THRESHOLD))
-    return _applied
+    if platform.libc_ver()[0] != "glibc" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -12,12 +12,8 @@ import pytest
 PROBE = r"""
 import resource, sys, torch
 if sys.argv[1] == "build":
-    from dynloss.builder import build_components
-    from dynloss.config import Config
-    cfg = Config.model_validate({"data": {"path": "synthetic", "preset": "fashion-mnist"}, "model": {"name": "small_cnn"},
-                                 "loss": {"name": "ce"}, "train": {"batch_size": 8, "epochs": 1}})
-    build_components(cfg, {"source": "synthetic", "num_classes": 2, "image": {"mode": "L"},
-                           "splits": {"train": {"rows": 16, "counts": [8, 8]}}}, "cpu")
+    from pipelines.benchmarks.step import synthetic_components  # dynloss.builder.build_components, no data read
+    synthetic_components("small_cnn", 8, "cpu", loss="ce")
 def one_round():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tensors = [torch.ones(2 << 20) for _ in range(40)]
